@@ -1,0 +1,65 @@
+# Every target bootstraps .venv on first use: a fresh machine needs Python 3.11+ and nothing else
+# (npm, when present, supplies mermaid's JavaScript so diagrams render offline).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MERMAID_VERSION := 12.3.0
+MERMAID_JS := docs/assets/vendor/mermaid.min.js
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: help install docs site test test-fast update-examples lint format clean
+
+help:
+	@echo "make docs             serve the site at http://$(HOST):$(PORT) with live reload"
+	@echo "make test             lint, type-check and run every test and every docs block"
+	@echo "make site             build the static site strictly into site/"
+	@echo "make update-examples  rewrite the #> output comments in docs/ from a real run"
+	@echo "make lint             ruff and mypy only"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+# Mermaid from the npm registry at build time (not committed, no CDN at run time).
+$(MERMAID_JS):
+	@mkdir -p $(dir $@) .cache
+	@if command -v npm >/dev/null 2>&1; then \
+		npm pack --silent mermaid@$(MERMAID_VERSION) --pack-destination .cache >/dev/null && \
+		tar -xzf .cache/mermaid-$(MERMAID_VERSION).tgz -C .cache package/dist/mermaid.min.js && \
+		mv .cache/package/dist/mermaid.min.js $@ && rm -rf .cache/package; \
+	else \
+		echo "npm not found: diagrams will load mermaid from the plugin's default CDN"; \
+	fi
+
+mermaid_env = $(if $(wildcard $(MERMAID_JS)),MERMAID_JS=$(patsubst docs/%,%,$(MERMAID_JS)),)
+
+docs: $(STAMP) $(MERMAID_JS)
+	$(mermaid_env) $(BIN)/mkdocs serve --dev-addr $(HOST):$(PORT) --livereload
+
+site: $(STAMP) $(MERMAID_JS)
+	$(mermaid_env) $(BIN)/mkdocs build --strict --site-dir site
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+test: lint site
+	$(BIN)/python -m pytest --cov --cov-report=term-missing $(PYTEST_ARGS)
+
+update-examples: $(STAMP)
+	$(BIN)/python -m pytest tests/test_docs.py --update-examples $(PYTEST_ARGS)
+
+clean:
+	rm -rf site .cache .pytest_cache .mypy_cache .ruff_cache .coverage $(dir $(MERMAID_JS))

@@ -1,0 +1,1 @@
+"""The async PostgreSQL database layer taught by the tested guide."""

@@ -1,0 +1,306 @@
+"""A throwaway PostgreSQL server in a temporary directory: no Docker, no apt, no running service.
+
+Used by the tests, by `make app` and by readers trying the guide: `python -m dblayer.embedded`
+starts one and prints its `DATABASE_URL`. The binaries come from the `pgserver` wheel on PyPI
+(PostgreSQL 16), or from a system installation (`pg_config --bindir`, `/usr/lib/postgresql/*/bin`).
+
+The server listens on 127.0.0.1 only, with password (SCRAM) authentication like a real one, and a
+random password that contains `@:/%#?` so every URL built from it proves its escaping. PostgreSQL
+refuses to run as root, so under root it runs as an unprivileged system user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib.metadata
+import importlib.util
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from sqlalchemy import URL
+
+# Fsync and WAL safety are pointless for a server that is deleted when it stops.
+_FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded server could not be found, initialised or started."""
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """A PostgreSQL installation: where its programs are and where they came from."""
+
+    bindir: Path
+    source: str
+
+    @property
+    def version(self) -> str:
+        """The server version, e.g. `16.2`, read from `postgres --version`."""
+        out = subprocess.run(  # noqa: S603 - a fixed program from a known directory
+            [str(self.bindir / "postgres"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        match = re.search(r"(\d+(?:\.\d+)+)", out)
+        return match.group(1) if match else out.strip()
+
+
+def find_binaries(bindir: str | os.PathLike[str] | None = None) -> Binaries:
+    """Locate `initdb`/`pg_ctl`: an explicit directory, then pgserver's wheel, then the system."""
+    if bindir is not None:
+        return _checked(Path(bindir), f"system binaries in {bindir}")
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.origin is not None:
+        wheel_bindir = Path(spec.origin).parent / "pginstall" / "bin"
+        if (wheel_bindir / "initdb").exists():
+            version = importlib.metadata.version("pgserver")
+            return Binaries(wheel_bindir, f"pgserver {version} wheel from PyPI")
+    for candidate in _system_bindirs():
+        if (candidate / "initdb").exists():
+            return Binaries(candidate, f"system binaries in {candidate}")
+    raise EmbeddedPostgresError(
+        "no PostgreSQL binaries found: `pip install pgserver` (PostgreSQL 16 as a wheel), "
+        "or install PostgreSQL so that `pg_config --bindir` works"
+    )
+
+
+def _checked(bindir: Path, source: str) -> Binaries:
+    if not (bindir / "initdb").exists():
+        raise EmbeddedPostgresError(f"{bindir} has no initdb: not a PostgreSQL bin directory")
+    return Binaries(bindir, source)
+
+
+def _system_bindirs() -> list[Path]:
+    found: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)  # noqa: S603
+        if out.returncode == 0:
+            found.append(Path(out.stdout.strip()))
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    return found + debian
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    """The account to run PostgreSQL as when we are root (it refuses to run as root)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise EmbeddedPostgresError("running as root and neither a 'postgres' nor a 'nobody' user exists")
+
+
+class EmbeddedPostgres:
+    """Start with `start()` (or `with`), connect with `url`, remove everything with `stop()`."""
+
+    def __init__(
+        self,
+        binaries: Binaries | None = None,
+        *,
+        user: str = "postgres",
+        password: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.binaries = binaries or find_binaries()
+        self.user = user
+        # token_urlsafe has no URL-special characters; the suffix adds the hard ones on purpose.
+        self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
+        self.port = port or _free_port()
+        self._dir: Path | None = None
+        self._owner = _unprivileged_user()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        state = f"port={self.port}" if self.running else "stopped"
+        return f"EmbeddedPostgres({self.binaries.source}, {state})"
+
+    @property
+    def running(self) -> bool:
+        return self._dir is not None
+
+    @property
+    def directory(self) -> Path:
+        if self._dir is None:
+            raise EmbeddedPostgresError("the embedded server is not running")
+        return self._dir
+
+    def url(self, database: str = "postgres", driver: str = "asyncpg") -> URL:
+        """The URL of a database on this server, built with `URL.create` (password escaped)."""
+        return URL.create(
+            f"postgresql+{driver}",
+            username=self.user,
+            password=self.password,
+            host="127.0.0.1",
+            port=self.port,
+            database=database,
+        )
+
+    def start(self) -> EmbeddedPostgres:
+        """Initialise a cluster in a new temporary directory and start the server on 127.0.0.1."""
+        with self._lock:
+            if self._dir is not None:
+                return self
+            self._dir = Path(tempfile.mkdtemp(prefix="dblayer-pg-"))
+            atexit.register(self.stop)
+            try:
+                self._initdb()
+                self._pg_ctl("start", "-w", "-t", "60", "-l", str(self._dir / "server.log"))
+            except BaseException:
+                self._remove()
+                raise
+            return self
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) and delete its files. Safe to call twice."""
+        with self._lock:
+            if self._dir is None:
+                return
+            try:
+                if (self._dir / "data" / "postmaster.pid").exists():
+                    self._pg_ctl("stop", "-w", "-m", "fast")
+            finally:
+                self._remove()
+
+    def _remove(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _initdb(self) -> None:
+        directory = self.directory
+        pwfile = directory / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        if self._owner is not None:
+            os.chown(directory, self._owner.pw_uid, self._owner.pw_gid)
+            os.chown(pwfile, self._owner.pw_uid, self._owner.pw_gid)
+        bindir = self._usable_bindir()
+        self._run(
+            str(bindir / "initdb"),
+            "-D", str(directory / "data"),
+            "-U", self.user,
+            "--pwfile", str(pwfile),
+            "--auth", "scram-sha-256",
+            "--encoding", "UTF8",
+            "--locale", "C",
+            "--no-sync",
+            "--no-instructions",
+        )  # fmt: skip
+        pwfile.unlink()
+        settings = [
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            f"unix_socket_directories = '{directory}'",
+            *(line.replace("=", " = ") for line in _FAST_SETTINGS),
+        ]
+        with (directory / "data" / "postgresql.conf").open("a") as conf:
+            conf.write("\n# dblayer.embedded\n" + "\n".join(settings) + "\n")
+
+    def _usable_bindir(self) -> Path:
+        """The binaries, copied somewhere the unprivileged user can read if it cannot reach them."""
+        bindir = self.binaries.bindir
+        if self._owner is None or self._run_ok(str(bindir / "initdb"), "--version"):
+            return bindir
+        # e.g. a virtualenv under /root (mode 700): copy the installation (about 35 MB) beside
+        # the data directory rather than loosening permissions on the user's home.
+        copy = self.directory / "pginstall"
+        shutil.copytree(bindir.parent, copy, symlinks=True)
+        for path in [copy, *copy.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        self.binaries = Binaries(copy / "bin", self.binaries.source)
+        return self.binaries.bindir
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(str(self._usable_bindir() / "pg_ctl"), "-D", str(self.directory / "data"), *args)
+
+    def _run_ok(self, *cmd: str) -> bool:
+        try:
+            return self._subprocess(cmd).returncode == 0
+        except PermissionError:
+            return False
+
+    def _run(self, *cmd: str) -> None:
+        result = self._subprocess(cmd)
+        if result.returncode != 0:
+            log = self.directory / "server.log"
+            detail = (result.stderr or result.stdout).strip()
+            if log.exists():
+                detail += "\n" + log.read_text(errors="replace")[-2000:]
+            raise EmbeddedPostgresError(f"{Path(cmd[0]).name} failed: {detail}")
+
+    def _subprocess(self, cmd: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        owner = self._owner
+        return subprocess.run(  # noqa: S603 - programs from the PostgreSQL bin directory
+            cmd,
+            capture_output=True,
+            text=True,
+            # A new session: Ctrl-C in the terminal reaches us, and we stop the server cleanly.
+            start_new_session=True,
+            user=owner.pw_uid if owner else None,
+            group=owner.pw_gid if owner else None,
+            extra_groups=[] if owner else None,
+            cwd=self._dir,
+            check=False,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dblayer.embedded`: run a server until Ctrl-C, printing its DATABASE_URL."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--bindir", help="PostgreSQL bin directory (default: pgserver, then system)")
+    parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--driver", default="asyncpg", choices=["asyncpg", "psycopg"])
+    parser.add_argument("--url-file", type=Path, help="also write the URL to this file")
+    args = parser.parse_args(argv)
+
+    server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    with server:
+        url = server.url("postgres", args.driver).render_as_string(hide_password=False)
+        if args.url_file:
+            args.url_file.write_text(url + "\n")
+        print(f"PostgreSQL {server.binaries.version} ({server.binaries.source})", flush=True)
+        print(f"DATABASE_URL={url}", flush=True)
+        stopped.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The async engine: built from settings, checked at start-up, disposed at shutdown.
+
+One engine per process (it owns the connection pool). `check_connection` turns every way of not
+reaching the server into one `DatabaseUnavailableError` whose message names host, port and the
+cause, in the same words for asyncpg and psycopg, and never the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import URL, text
+from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from dblayer.settings import Settings, get_settings
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The server could not be reached or refused us. One line, no password."""
+
+
+# --8<-- [start:connect_args]
+def connect_args(settings: Settings) -> dict[str, Any]:
+    """Driver-specific connection arguments: the two drivers spell the same options differently."""
+    if settings.driver == "psycopg":
+        # libpq counts whole seconds and treats anything below 2 as 2.
+        return {"connect_timeout": max(2, round(settings.db_connect_timeout))}
+    return {"timeout": settings.db_connect_timeout}
+    # --8<-- [end:connect_args]
+
+
+# --8<-- [start:create_engine]
+def create_engine(settings: Settings | None = None) -> AsyncEngine:
+    """Create the process-wide async engine from settings (the environment when not given)."""
+    settings = settings or get_settings()
+    return create_async_engine(
+        settings.url,
+        echo=settings.db_echo,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        pool_pre_ping=settings.db_pool_pre_ping,
+        connect_args=connect_args(settings),
+    )
+    # --8<-- [end:create_engine]
+
+
+# --8<-- [start:check_connection]
+async def check_connection(engine: AsyncEngine) -> str:
+    """Connect once and return the server version (`SHOW server_version`), or raise a clear error.
+
+    Call it at start-up: a wrong password or an unreachable host then fails the deploy in one line
+    instead of failing the first request with a traceback.
+    """
+    try:
+        async with engine.connect() as conn:
+            version = await conn.scalar(text("SHOW server_version"))
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        raise DatabaseUnavailableError(describe_failure(engine.url, exc)) from None
+    return str(version)
+    # --8<-- [end:check_connection]
+
+
+def describe_failure(url: URL, exc: BaseException) -> str:
+    """One line saying where we tried to connect and why it failed, the same for both drivers."""
+    where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    return f"cannot connect to {where}: {_cause(url, exc)}"
+
+
+def _cause(url: URL, exc: BaseException) -> str:
+    """Classify the driver's error; both drivers' messages are read, neither is repeated whole."""
+    original: BaseException = exc
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        original = exc.orig
+    # asyncpg wraps OS errors in SQLAlchemy's InterfaceError only sometimes; look at the chain.
+    chain = [original, original.__cause__, original.__context__]
+    message = " ".join(str(e) for e in chain if e is not None)
+    lowered = message.lower()
+    if "password authentication failed" in lowered:
+        return f"password authentication failed for user {url.username!r}"
+    if "does not exist" in lowered and "database" in lowered:
+        return f"database {url.database!r} does not exist"
+    if "role" in lowered and "does not exist" in lowered:
+        return f"role {url.username!r} does not exist"
+    if any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain) or "timeout" in lowered:
+        return "timed out; is the host reachable and the port open?"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in lowered:
+        return "connection refused; is the server running on that port?"
+    if isinstance(exc, InterfaceError | DBAPIError):
+        return _first_line(message, url)
+    return _first_line(f"{type(original).__name__}: {original}", url)
+
+
+def _first_line(message: str, url: URL) -> str:
+    """The first line of a driver message, with the password scrubbed in case a driver echoes it."""
+    line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    password = url.password
+    if isinstance(password, str) and password:
+        line = line.replace(password, "***")
+    return line

@@ -1,0 +1,142 @@
+"""Settings from the environment (and `.env`), validated once, with the password kept secret.
+
+Two ways to say where the database is, as twelve-factor apps and container platforms do:
+
+* `DATABASE_URL`, one string (`postgresql://user:password@host:5432/dbname`), or
+* `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_USER`, `POSTGRES_PASSWORD`, `POSTGRES_DB`.
+
+The URL handed to SQLAlchemy is always built with `sqlalchemy.URL.create`, so a password such as
+`p@ss:w/rd%20#?` needs no escaping by hand. Errors name the setting and the fix, never the password.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+# --8<-- [start:drivers]
+Driver = Literal["asyncpg", "psycopg"]
+DRIVERS: tuple[Driver, ...] = ("asyncpg", "psycopg")
+# `postgresql://` and `postgres://` (Heroku, compose files) mean "the configured driver".
+_SCHEMES = {"postgresql", "postgres"} | {f"postgresql+{d}" for d in DRIVERS}
+# --8<-- [end:drivers]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or wrong. The message is one line and never contains a password."""
+
+
+# --8<-- [start:settings]
+class Settings(BaseSettings):
+    """Where the database is and how to talk to it. Every field has an environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",  # a shared .env may hold other services' variables
+        hide_input_in_errors=True,  # a validation error must not echo a password back
+        frozen=True,
+    )
+
+    database_url: SecretStr | None = None  # DATABASE_URL wins over the POSTGRES_* parts
+    database_driver: Driver = "asyncpg"  # DATABASE_DRIVER, used when the URL names none
+
+    postgres_host: str = "localhost"
+    postgres_port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    postgres_user: str = "postgres"
+    postgres_password: SecretStr = SecretStr("postgres")
+    postgres_db: str = "app"
+
+    db_echo: bool = False  # log every SQL statement (development only)
+    db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
+    db_pool_size: Annotated[int, Field(ge=1)] = 5
+    db_max_overflow: Annotated[int, Field(ge=0)] = 10
+    db_pool_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds to wait for a free connection
+    db_pool_recycle: Annotated[int, Field(ge=-1)] = 1800  # seconds; -1 never recycles
+    db_pool_pre_ping: bool = True  # test a connection before handing it out
+    # --8<-- [end:settings]
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip():
+            _parse_database_url(value.get_secret_value())
+            return value
+        return None  # an empty DATABASE_URL= line means "not set"
+
+    @field_validator("postgres_host", "postgres_user", "postgres_db")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    # --8<-- [start:url]
+    @property
+    def url(self) -> URL:
+        """The SQLAlchemy URL, with the async driver chosen. `str()` and `repr()` hide the password."""
+        if self.database_url is not None:
+            url = _parse_database_url(self.database_url.get_secret_value())
+            driver = url.get_driver_name() if "+" in url.drivername else self.database_driver
+            return url.set(drivername=f"postgresql+{driver}")
+        return URL.create(
+            drivername=f"postgresql+{self.database_driver}",
+            username=self.postgres_user,
+            password=self.postgres_password.get_secret_value(),
+            host=self.postgres_host,
+            port=self.postgres_port,
+            database=self.postgres_db,
+        )
+        # --8<-- [end:url]
+
+    @property
+    def driver(self) -> Driver:
+        """The driver the engine will use: the URL's own, else `DATABASE_DRIVER`."""
+        name = self.url.get_driver_name()
+        return "psycopg" if name == "psycopg" else "asyncpg"
+
+
+def _parse_database_url(raw: str) -> URL:
+    """Parse `DATABASE_URL` and refuse what would fail later with a worse message.
+
+    Messages never quote the URL: only the scheme, which comes before the credentials.
+    """
+    hint = "or use POSTGRES_PASSWORD"
+    try:
+        url = make_url(raw.strip())
+    except ArgumentError:
+        raise ValueError("not a URL; expected postgresql://user:password@host:5432/dbname") from None
+    except ValueError:  # the text after the last ':' before the host was not a port number
+        raise ValueError(f"bad port; percent-encode @:/ in the password {hint}") from None
+    if url.drivername not in _SCHEMES:
+        raise ValueError(f"unsupported {url.drivername!r}; use postgresql+asyncpg or +psycopg")
+    if url.host is not None and "@" in url.host:
+        # `postgresql://u:p@ss@host/db`: part of the password landed in the host; print neither.
+        raise ValueError(f"unescaped '@' in the password; write %40 {hint}")
+    if not url.host and "host" not in url.query:
+        raise ValueError("no host; expected postgresql://user:password@host:5432/dbname")
+    if not url.database:
+        raise ValueError("no database name; add /dbname after the host")
+    return url
+
+
+# --8<-- [start:get_settings]
+def get_settings(**values: object) -> Settings:
+    """Load settings from keyword arguments, the environment and `.env`; raise a one-line error.
+
+    pydantic's own `ValidationError` spans several lines; this names the variable and the problem.
+    """
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']).upper()}: "
+            f"{error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        raise SettingsError(problems) from None
+        # --8<-- [end:get_settings]

@@ -1,0 +1,168 @@
+"""The code blocks of the pages: which run, with which settings, and how output is compared.
+
+Python blocks are found by pytest-examples. Console blocks (```` ```console ````) are parsed here:
+each line starting with `$ ` is a command, the lines after it are its expected output.
+A fence may carry settings, each needing a `reason="…"`:
+
+* `drivers="asyncpg"` runs the block under that driver only (e.g. the asyncpg tab of a pair);
+* `test="skip"` does not run it at all (counted and listed in the run's summary).
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dblayer.settings import DRIVERS, Driver
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+_FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
+_SETTING = re.compile(r'([\w-]+)="([^"]*)"')
+_KNOWN = {"test", "drivers", "reason", "title"}
+
+# What legitimately differs between runs, replaced on both sides before comparing.
+_NORMALISE = [
+    # The server's version: the pages are recorded on 16, CI also runs them on 15.
+    (re.compile(r"PostgreSQL \d+(?:\.\d+)*(?: \([^)]*\))?"), "PostgreSQL <version>"),
+    (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s)\b"), "<duration>"),
+    (re.compile(r"/tmp/[\w./-]+"), "<tmp>"),
+    (re.compile(r"127\.0\.0\.1:(?!1\b)\d+"), "127.0.0.1:<port>"),  # port 1 is the refused one
+]
+
+
+def normalise(text: str) -> str:
+    """Replace what varies between runs (versions, durations, temp paths) with placeholders."""
+    for pattern, placeholder in _NORMALISE:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+@dataclass(frozen=True)
+class FenceSettings:
+    """The `key="value"` settings of a fence, checked: every exemption has a reason."""
+
+    drivers: tuple[Driver, ...] = DRIVERS
+    skip: bool = False
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, prefix: str, where: str) -> FenceSettings:
+        values = dict(_SETTING.findall(prefix))
+        unknown = set(values) - _KNOWN
+        if unknown:
+            raise ValueError(f"{where}: unknown fence setting(s) {sorted(unknown)}")
+        restricted = "test" in values or "drivers" in values
+        reason = values.get("reason", "").strip()
+        if restricted and not reason:
+            raise ValueError(f'{where}: a fence setting needs reason="why" beside it')
+        if values.get("test", "skip") != "skip":
+            raise ValueError(f'{where}: test= only takes "skip"')
+        drivers = tuple(d for d in DRIVERS if d in values.get("drivers", " ".join(DRIVERS)).split())
+        if not drivers:
+            raise ValueError(f"{where}: drivers= names none of {DRIVERS}")
+        return cls(drivers=drivers, skip=values.get("test") == "skip", reason=reason)
+
+    @property
+    def exempt(self) -> bool:
+        return self.skip or self.drivers != DRIVERS
+
+
+@dataclass
+class Command:
+    line: str  # what follows `$ `, continuation lines joined
+    raw: str  # the command as the page writes it, `$ ` and continuation lines included
+    expected: str  # the output the page shows, without trailing blank lines
+
+
+@dataclass
+class ConsoleBlock:
+    path: Path
+    start_line: int
+    end_line: int
+    prefix: str
+    start_index: int
+    end_index: int
+    indent: int = 0
+    commands: list[Command] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.path.relative_to(DOCS.parent)}:{self.start_line}-{self.end_line}"
+
+    @property
+    def settings(self) -> FenceSettings:
+        return FenceSettings.parse(self.prefix, str(self))
+
+    def render(self, outputs: list[str]) -> str:
+        """The block's body with each command's output replaced (for `make update-examples`)."""
+        parts = []
+        for command, output in zip(self.commands, outputs, strict=True):
+            parts.append(f"{command.raw}\n" + (output.rstrip() + "\n" if output.strip() else ""))
+        return textwrap.indent("".join(parts), " " * self.indent)
+
+
+# (page, ordinal of the console block in it) -> new body; written by `apply_console_updates`.
+CONSOLE_UPDATES: dict[tuple[Path, int], str] = {}
+
+
+def apply_console_updates() -> list[str]:
+    """Write queued console outputs into the pages; the pages' other edits are already on disk."""
+    written = []
+    for path in sorted({path for path, _ in CONSOLE_UPDATES}):
+        text = path.read_text("utf-8")
+        blocks = [b for b in find_console_blocks(path.parent) if b.path == path]
+        for ordinal, block in reversed(list(enumerate(blocks))):
+            body = CONSOLE_UPDATES.get((path, ordinal))
+            if body is not None and body != text[block.start_index : block.end_index]:
+                text = text[: block.start_index] + body + text[block.end_index :]
+                written.append(str(block))
+        path.write_text(text, "utf-8")
+    CONSOLE_UPDATES.clear()
+    return written
+
+
+def find_console_blocks(root: Path = DOCS) -> Iterator[ConsoleBlock]:
+    for path in sorted(root.rglob("*.md")):
+        text = path.read_text("utf-8")
+        for match in _FENCE.finditer(text):
+            prefix = match.group(3).strip()
+            if not prefix.startswith("console"):
+                continue
+            indent = len(match.group(1)) - 3
+            body = textwrap.dedent(match.group(4))
+            start_line = text[: match.start()].count("\n") + 1
+            start_index = match.start(4)
+            block = ConsoleBlock(
+                path=path,
+                start_line=start_line,
+                end_line=start_line + body.count("\n") + 1,
+                prefix=prefix,
+                start_index=start_index,
+                end_index=start_index + len(match.group(4)),
+                indent=indent,
+                commands=list(_parse_commands(body, f"{path.name}:{start_line}")),
+            )
+            if block.commands:
+                yield block
+
+
+def _parse_commands(body: str, where: str) -> Iterator[Command]:
+    lines = body.splitlines()
+    index = 0
+    if lines and not lines[0].startswith("$ "):
+        raise ValueError(f"{where}: a console block starts with a `$ ` command")
+    while index < len(lines):
+        raw = [lines[index]]
+        command = lines[index].removeprefix("$ ")
+        while command.endswith("\\") and index + 1 < len(lines):
+            index += 1
+            raw.append(lines[index])
+            command = command[:-1].rstrip() + " " + lines[index].strip()
+        index += 1
+        output: list[str] = []
+        while index < len(lines) and not lines[index].startswith("$ "):
+            output.append(lines[index])
+            index += 1
+        yield Command(line=command, raw="\n".join(raw), expected="\n".join(output).rstrip())

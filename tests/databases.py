@@ -1,0 +1,131 @@
+"""Which PostgreSQL the tests use, and a fresh database for every test that writes.
+
+`TEST_DATABASE_URL` names a server where the tests may create and drop their own databases; without
+it an embedded PostgreSQL is started in a temporary directory. Every database the run creates is
+named `dblayer_test_<run>_…`; nothing else is ever dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import URL, make_url
+
+from dblayer.embedded import EmbeddedPostgres
+from dblayer.settings import Driver
+
+PREFIX = "dblayer_test_"
+
+
+@dataclass
+class Server:
+    """A PostgreSQL server the run may create databases on."""
+
+    admin_url: URL  # points at a maintenance database (usually `postgres`)
+    origin: str  # where it came from, for the report header and the summary
+    version: str = ""
+    embedded: EmbeddedPostgres | None = None
+
+    @classmethod
+    def from_environment(cls) -> Server:
+        raw = os.environ.get("TEST_DATABASE_URL", "").strip()
+        if raw:
+            url = make_url(raw)
+            if not url.database:
+                url = url.set(database="postgres")
+            where = f"{url.host or 'localhost'}:{url.port or 5432}"
+            return cls(url.set(drivername="postgresql"), f"TEST_DATABASE_URL ({where})")
+        embedded = EmbeddedPostgres().start()
+        return cls(
+            embedded.url("postgres").set(drivername="postgresql"),
+            f"embedded, {embedded.binaries.source}",
+            embedded=embedded,
+        )
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def connect(url: URL) -> psycopg.Connection[tuple[object, ...]]:
+    """A plain autocommit psycopg connection, keyword arguments so no escaping is involved."""
+    return psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password if isinstance(url.password, str) else None,
+        dbname=url.database,
+        autocommit=True,
+        connect_timeout=10,
+    )
+
+
+@dataclass
+class Databases:
+    """Creates the template once and clones it per test (`CREATE DATABASE … TEMPLATE`)."""
+
+    server: Server
+    run: str = field(default_factory=lambda: secrets.token_hex(3))
+    created: list[str] = field(default_factory=list)
+    clone_seconds: list[float] = field(default_factory=list)
+    _counter: itertools.count[int] = field(default_factory=itertools.count)
+    _admin: psycopg.Connection[tuple[object, ...]] | None = None
+
+    @property
+    def template(self) -> str:
+        return f"{PREFIX}{self.run}_template"
+
+    @property
+    def admin(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._admin is None:
+            self._admin = connect(self.server.admin_url)
+        return self._admin
+
+    def setup(self) -> None:
+        """Read the server version and build the template (empty until migrations exist)."""
+        row = self.admin.execute("SHOW server_version").fetchone()
+        self.server.version = str(row[0]) if row else "?"
+        self._create(self.template, template="template0")
+
+    def clone(self) -> str:
+        name = f"{PREFIX}{self.run}_{next(self._counter)}"
+        started = time.perf_counter()
+        self._create(name, template=self.template)
+        self.clone_seconds.append(time.perf_counter() - started)
+        return name
+
+    def url(self, database: str, driver: Driver) -> URL:
+        return self.server.admin_url.set(drivername=f"postgresql+{driver}", database=database)
+
+    def drop(self, name: str) -> None:
+        if not name.startswith(f"{PREFIX}{self.run}_"):  # pragma: no cover - a guard, never taken
+            raise ValueError(f"refusing to drop {name!r}: not created by this run")
+        started = time.perf_counter()
+        self.admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        if self.clone_seconds:
+            self.clone_seconds[-1] += time.perf_counter() - started
+        if name in self.created:
+            self.created.remove(name)
+
+    def teardown(self) -> None:
+        for name in reversed(list(self.created)):
+            self.drop(name)
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
+    def _create(self, name: str, *, template: str) -> None:
+        self.admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+        self.created.append(name)
