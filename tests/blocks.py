@@ -28,7 +28,7 @@ _NORMALISE = [
     # The server's version: the pages are recorded on 16, CI also runs them on 15.
     (re.compile(r"PostgreSQL \d+(?:\.\d+)*(?: \([^)]*\))?"), "PostgreSQL <version>"),
     (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s)\b"), "<duration>"),
-    (re.compile(r"/tmp/[\w./-]+"), "<tmp>"),
+    (re.compile(r"(?:/tmp|/dev/shm)/[\w./-]+"), "<tmp>"),
     (re.compile(r"127\.0\.0\.1:(?!1\b)\d+"), "127.0.0.1:<port>"),  # port 1 is the refused one
 ]
 

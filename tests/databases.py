@@ -123,9 +123,14 @@ class Databases:
             self._admin = None
 
     def _create(self, name: str, *, template: str) -> None:
+        # FILE_COPY (PostgreSQL 15+) copies the files instead of WAL-logging every block: faster
+        # for a small template, and what older servers always did.
+        strategy = sql.SQL(
+            " STRATEGY FILE_COPY" if self.admin.info.server_version >= 150000 else ""
+        )
         self.admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}{}").format(
+                sql.Identifier(name), sql.Identifier(template), strategy
             )
         )
         self.created.append(name)

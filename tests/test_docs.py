@@ -79,7 +79,11 @@ def test_python_block(
     _settings(example, driver, report)
     url = databases.url(fresh_database, driver).render_as_string(hide_password=False)
     monkeypatch.setenv("DATABASE_URL", url)
-    eval_example.set_config(line_length=100, target_version="py311", ruff_ignore=["T201"])
+    eval_example.set_config(
+        line_length=100,
+        target_version="py311",  # type: ignore[arg-type]  # its Literal lists py310 twice
+        ruff_ignore=["T201"],
+    )
     update = eval_example.update_examples
     if driver == DRIVERS[0]:  # lint once per block
         if update:
@@ -87,7 +91,7 @@ def test_python_block(
         else:
             eval_example.lint_ruff(example)
         _ruff_format(example, eval_example, update)
-    module = {"__name__": "__main__"}
+    module: dict[str, object] = {"__name__": "__main__"}
     if update and driver == DRIVERS[0]:
         eval_example.run_print_update(example, module_globals=module)
     elif update:  # the page is rewritten at the end of the run: nothing to compare with yet

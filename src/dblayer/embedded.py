@@ -32,6 +32,7 @@ from types import TracebackType
 
 from sqlalchemy import URL
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Fsync and WAL safety are pointless for a server that is deleted when it stops.
 _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
@@ -61,12 +62,10 @@ def find_binaries(bindir: str | os.PathLike[str] | None = None) -> Binaries:
     """Locate `initdb`/`pg_ctl`: an explicit directory, then pgserver's wheel, then the system."""
     if bindir is not None:
         return _checked(Path(bindir), f"system binaries in {bindir}")
-    spec = importlib.util.find_spec("pgserver")
-    if spec is not None and spec.origin is not None:
-        wheel_bindir = Path(spec.origin).parent / "pginstall" / "bin"
-        if (wheel_bindir / "initdb").exists():
-            version = importlib.metadata.version("pgserver")
-            return Binaries(wheel_bindir, f"pgserver {version} wheel from PyPI")
+    wheel_bindir = _pgserver_bindir()
+    if wheel_bindir is not None:
+        version = importlib.metadata.version("pgserver")
+        return Binaries(wheel_bindir, f"pgserver {version} wheel from PyPI")
     for candidate in _system_bindirs():
         if (candidate / "initdb").exists():
             return Binaries(candidate, f"system binaries in {candidate}")
@@ -74,6 +73,16 @@ def find_binaries(bindir: str | os.PathLike[str] | None = None) -> Binaries:
         "no PostgreSQL binaries found: `pip install pgserver` (PostgreSQL 16 as a wheel), "
         "or install PostgreSQL so that `pg_config --bindir` works"
     )
+
+
+def _pgserver_bindir() -> Path | None:
+    """The wheel's bin directory, found without importing pgserver (which starts nothing, but
+    creates lock files at import)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        return None
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    return bindir if (bindir / "initdb").exists() else None
 
 
 def _checked(bindir: Path, source: str) -> Binaries:
@@ -97,6 +106,20 @@ def _system_bindirs() -> list[Path]:
     return found + debian
 
 
+def default_base_dir() -> Path | None:
+    """Where data directories go: RAM (`/dev/shm`) when there is room, else the temp directory.
+
+    Measured on a 2-core VM: `CREATE DATABASE … TEMPLATE` takes about 20 ms on tmpfs and 450 ms on
+    disk, even with fsync off. The data is thrown away at stop, so RAM loses nothing.
+    """
+    shm = Path("/dev/shm")  # noqa: S108 - the Linux shared-memory tmpfs, used on purpose
+    try:
+        usage = shutil.disk_usage(shm)
+    except OSError:
+        return None
+    return shm if usage.free >= 512 * 2**20 and os.access(shm, os.W_OK) else None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,7 +135,9 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
             return pwd.getpwnam(name)
         except KeyError:
             continue
-    raise EmbeddedPostgresError("running as root and neither a 'postgres' nor a 'nobody' user exists")
+    raise EmbeddedPostgresError(
+        "running as root and neither a 'postgres' nor a 'nobody' user exists"
+    )
 
 
 class EmbeddedPostgres:
@@ -125,8 +150,10 @@ class EmbeddedPostgres:
         user: str = "postgres",
         password: str | None = None,
         port: int | None = None,
+        base_dir: Path | None = None,
     ) -> None:
         self.binaries = binaries or find_binaries()
+        self.base_dir = base_dir or default_base_dir()
         self.user = user
         # token_urlsafe has no URL-special characters; the suffix adds the hard ones on purpose.
         self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
@@ -165,7 +192,7 @@ class EmbeddedPostgres:
         with self._lock:
             if self._dir is not None:
                 return self
-            self._dir = Path(tempfile.mkdtemp(prefix="dblayer-pg-"))
+            self._dir = Path(tempfile.mkdtemp(prefix="dblayer-pg-", dir=self.base_dir))
             atexit.register(self.stop)
             try:
                 self._initdb()
@@ -187,16 +214,18 @@ class EmbeddedPostgres:
                 self._remove()
 
     def _remove(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self._dir = None
         atexit.unregister(self.stop)
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -208,6 +237,11 @@ class EmbeddedPostgres:
         if self._owner is not None:
             os.chown(directory, self._owner.pw_uid, self._owner.pw_gid)
             os.chown(pwfile, self._owner.pw_uid, self._owner.pw_gid)
+        if self._owner is not None and not self._run_ok("test", "-w", str(directory)):
+            raise EmbeddedPostgresError(
+                f"user {self._owner.pw_name!r} cannot write to {directory}: choose a base_dir "
+                "that every user can enter (PostgreSQL refuses to run as root)"
+            )
         bindir = self._usable_bindir()
         self._run(
             str(bindir / "initdb"),
@@ -233,13 +267,20 @@ class EmbeddedPostgres:
     def _usable_bindir(self) -> Path:
         """The binaries, copied somewhere the unprivileged user can read if it cannot reach them."""
         bindir = self.binaries.bindir
-        if self._owner is None or self._run_ok(str(bindir / "initdb"), "--version"):
+        if self._owner is None or bindir.is_relative_to(self.directory):
+            return bindir
+        if self._run_ok(str(bindir / "initdb"), "--version"):
             return bindir
         # e.g. a virtualenv under /root (mode 700): copy the installation (about 35 MB) beside
-        # the data directory rather than loosening permissions on the user's home.
-        copy = self.directory / "pginstall"
-        shutil.copytree(bindir.parent, copy, symlinks=True)
-        for path in [copy, *copy.rglob("*")]:
+        # the data directory rather than loosening permissions on the user's home. The wheel's
+        # programs find their libraries at $ORIGIN/../../../pgserver.libs: keep that layout.
+        install = bindir.parent
+        copy = self.directory / "pg" / install.parent.name / install.name
+        shutil.copytree(install, copy, symlinks=True)
+        libs = install.parent.parent / "pgserver.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, self.directory / "pg" / libs.name, symlinks=True)
+        for path in [self.directory / "pg", *(self.directory / "pg").rglob("*")]:
             if path.is_dir():
                 path.chmod(0o755)
         self.binaries = Binaries(copy / "bin", self.binaries.source)
@@ -273,7 +314,7 @@ class EmbeddedPostgres:
             start_new_session=True,
             user=owner.pw_uid if owner else None,
             group=owner.pw_gid if owner else None,
-            extra_groups=[] if owner else None,
+            extra_groups=[] if owner and os.geteuid() == 0 else None,
             cwd=self._dir,
             check=False,
         )
@@ -282,7 +323,9 @@ class EmbeddedPostgres:
 def main(argv: list[str] | None = None) -> int:
     """`python -m dblayer.embedded`: run a server until Ctrl-C, printing its DATABASE_URL."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--bindir", help="PostgreSQL bin directory (default: pgserver, then system)")
+    parser.add_argument(
+        "--bindir", help="PostgreSQL bin directory (default: pgserver, then system)"
+    )
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--driver", default="asyncpg", choices=["asyncpg", "psycopg"])
     parser.add_argument("--url-file", type=Path, help="also write the URL to this file")
@@ -290,15 +333,18 @@ def main(argv: list[str] | None = None) -> int:
 
     server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port)
     stopped = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopped.set())
-    with server:
-        url = server.url("postgres", args.driver).render_as_string(hide_password=False)
-        if args.url_file:
-            args.url_file.write_text(url + "\n")
-        print(f"PostgreSQL {server.binaries.version} ({server.binaries.source})", flush=True)
-        print(f"DATABASE_URL={url}", flush=True)
-        stopped.wait()
+    previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in _STOP_SIGNALS}
+    try:
+        with server:
+            url = server.url("postgres", args.driver).render_as_string(hide_password=False)
+            if args.url_file:
+                args.url_file.write_text(url + "\n")
+            print(f"PostgreSQL {server.binaries.version} ({server.binaries.source})", flush=True)
+            print(f"DATABASE_URL={url}", flush=True)
+            stopped.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -85,7 +85,10 @@ def _cause(url: URL, exc: BaseException) -> str:
         return f"database {url.database!r} does not exist"
     if "role" in lowered and "does not exist" in lowered:
         return f"role {url.username!r} does not exist"
-    if any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain) or "timeout" in lowered:
+    if (
+        any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain)
+        or "timeout" in lowered
+    ):
         return "timed out; is the host reachable and the port open?"
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in lowered:
         return "connection refused; is the server running on that port?"

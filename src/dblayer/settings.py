@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     # --8<-- [start:url]
     @property
     def url(self) -> URL:
-        """The SQLAlchemy URL, with the async driver chosen. `str()` and `repr()` hide the password."""
+        """The SQLAlchemy URL with the async driver set; `str()` and `repr()` hide the password."""
         if self.database_url is not None:
             url = _parse_database_url(self.database_url.get_secret_value())
             driver = url.get_driver_name() if "+" in url.drivername else self.database_driver
@@ -109,7 +109,9 @@ def _parse_database_url(raw: str) -> URL:
     try:
         url = make_url(raw.strip())
     except ArgumentError:
-        raise ValueError("not a URL; expected postgresql://user:password@host:5432/dbname") from None
+        raise ValueError(
+            "not a URL; expected postgresql://user:password@host:5432/dbname"
+        ) from None
     except ValueError:  # the text after the last ':' before the host was not a port number
         raise ValueError(f"bad port; percent-encode @:/ in the password {hint}") from None
     if url.drivername not in _SCHEMES:

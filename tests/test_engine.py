@@ -1,0 +1,154 @@
+"""The engine against a real server, under both drivers: versions, failures, secrets, dispose."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import URL, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError
+
+from dblayer.engine import (
+    DatabaseUnavailableError,
+    check_connection,
+    connect_args,
+    create_engine,
+    describe_failure,
+)
+from dblayer.settings import Driver, get_settings
+
+
+async def unavailable(url: URL, **values: object) -> str:
+    """Try to connect to `url`; return the one-line error."""
+    raw = url.render_as_string(hide_password=False)
+    engine = create_engine(get_settings(database_url=raw, **values))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as caught:
+            await check_connection(engine)
+    finally:
+        await engine.dispose()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert caught.value.__cause__ is None
+    return message
+
+
+def test_connect_args_per_driver() -> None:
+    assert connect_args(get_settings(db_connect_timeout=2.5)) == {"timeout": 2.5}
+    psycopg = get_settings(database_driver="psycopg", db_connect_timeout=0.5)
+    assert connect_args(psycopg) == {"connect_timeout": 2}  # libpq's minimum
+    assert connect_args(get_settings(database_driver="psycopg")) == {"connect_timeout": 10}
+
+
+async def test_engine_from_the_environment_uses_the_pool_settings(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL, driver: Driver
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    monkeypatch.setenv("DB_POOL_SIZE", "3")
+    monkeypatch.setenv("DB_POOL_RECYCLE", "60")
+    engine = create_engine()
+    try:
+        assert engine.dialect.driver == driver
+        assert engine.pool.size() == 3  # type: ignore[attr-defined]
+        assert engine.pool._recycle == 60
+        assert engine.pool._pre_ping is True
+        version = await check_connection(engine)
+    finally:
+        await engine.dispose()
+    assert version.split(".")[0].isdigit()
+    assert int(version.split(".")[0]) >= 15
+
+
+async def test_wrong_password(database_url: URL, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    message = await unavailable(database_url.set(password="hunter2"), db_echo=True)
+    assert message == (
+        f"cannot connect to 127.0.0.1:{database_url.port}/{database_url.database}: "
+        "password authentication failed for user 'postgres'"
+    )
+    assert "hunter2" not in caplog.text
+
+
+async def test_missing_database(database_url: URL) -> None:
+    message = await unavailable(database_url.set(database="no_such_db"))
+    assert message.endswith("/no_such_db: database 'no_such_db' does not exist")
+
+
+async def test_refused_port(database_url: URL) -> None:
+    message = await unavailable(database_url.set(port=1))
+    assert message == "cannot connect to 127.0.0.1:1/" + str(database_url.database) + (
+        ": connection refused; is the server running on that port?"
+    )
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A port that accepts connections and never answers, like a black-holing firewall."""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+async def test_unreachable_fails_fast_naming_the_host(database_url: URL, silent_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    message = await unavailable(database_url.set(port=silent_port), db_connect_timeout=1)
+    assert loop.time() - started < 5  # the connect timeout, not the OS's minutes
+    assert message.startswith(f"cannot connect to 127.0.0.1:{silent_port}/")
+    assert message.endswith("timed out; is the host reachable and the port open?")
+
+
+def test_repr_of_engine_hides_the_password() -> None:
+    engine = create_engine(get_settings(postgres_password="hunter2"))
+    assert "hunter2" not in repr(engine.sync_engine)
+    assert "hunter2" not in repr(engine.url)
+
+
+# The causes no live server here produces, fed as the drivers raise them.
+URL_WITH_SECRET = make_url("postgresql+asyncpg://app:hunter2@db.internal:5432/shop")
+
+
+class DriverError(Exception):
+    """Stands in for a driver exception wrapped by SQLAlchemy."""
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (
+            DBAPIError("SELECT 1", None, DriverError('FATAL: role "app" does not exist')),
+            "role 'app' does not exist",
+        ),
+        (
+            InterfaceError("connect", None, DriverError("SSL required\nsecond line hunter2")),
+            "SSL required",
+        ),
+        (DBAPIError("connect", None, DriverError("")), "unknown error"),
+        (OSError("network down for app:hunter2"), "OSError: network down for app:***"),
+    ],
+)
+def test_other_causes_are_summarised_on_one_line(error: Exception, cause: str) -> None:
+    assert describe_failure(URL_WITH_SECRET, error) == (
+        f"cannot connect to db.internal:5432/shop: {cause}"
+    )
+
+
+def test_describe_failure_without_host_port_or_password() -> None:
+    url = make_url("postgresql+asyncpg://app@/shop?host=/run/postgresql")
+    assert describe_failure(url, ConnectionRefusedError()) == (
+        "cannot connect to localhost:5432/shop: connection refused; is the server running on "
+        "that port?"
+    )
+    assert describe_failure(url, OSError("no route")) == (
+        "cannot connect to localhost:5432/shop: OSError: no route"
+    )

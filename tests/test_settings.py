@@ -1,0 +1,157 @@
+"""Settings: where the URL comes from, how it is escaped, and what bad input looks like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import make_url
+
+from dblayer.settings import Settings, SettingsError, get_settings
+
+HOSTILE = "p@ss:w/rd%20#?"
+
+
+def test_defaults_build_the_url_from_the_parts() -> None:
+    settings = get_settings()
+    assert settings.url.render_as_string(hide_password=False) == (
+        "postgresql+asyncpg://postgres:postgres@localhost:5432/app"
+    )
+    assert settings.driver == "asyncpg"
+    assert (settings.db_pool_size, settings.db_max_overflow, settings.db_pool_pre_ping) == (
+        5,
+        10,
+        True,
+    )
+
+
+def test_database_url_wins_over_the_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_HOST", "ignored.example")
+    monkeypatch.setenv("DATABASE_URL", "postgres://shop:s3cret@db.internal:6543/shop")
+    url = get_settings().url
+    assert (url.drivername, url.host, url.port, url.database) == (
+        "postgresql+asyncpg",
+        "db.internal",
+        6543,
+        "shop",
+    )
+
+
+@pytest.mark.parametrize(
+    ("scheme", "driver_setting", "expected"),
+    [
+        ("postgresql", "asyncpg", "asyncpg"),
+        ("postgresql", "psycopg", "psycopg"),
+        ("postgres", "psycopg", "psycopg"),
+        ("postgresql+psycopg", "asyncpg", "psycopg"),  # the URL's own driver wins
+        ("postgresql+asyncpg", "psycopg", "asyncpg"),
+    ],
+)
+def test_driver_choice(
+    monkeypatch: pytest.MonkeyPatch, scheme: str, driver_setting: str, expected: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"{scheme}://u:pw@h/db")
+    monkeypatch.setenv("DATABASE_DRIVER", driver_setting)
+    settings = get_settings()
+    assert settings.driver == expected
+    assert settings.url.drivername == f"postgresql+{expected}"
+
+
+def test_psycopg_from_the_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_DRIVER", "psycopg")
+    assert get_settings().url.drivername == "postgresql+psycopg"
+
+
+def test_an_empty_database_url_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "  ")
+    settings = get_settings()
+    assert settings.database_url is None
+    assert settings.url.host == "localhost"
+
+
+def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"POSTGRES_PASSWORD={HOSTILE}\nDB_POOL_SIZE=7\nOTHER_APP=1\n")
+    settings = get_settings()
+    assert settings.postgres_password.get_secret_value() == HOSTILE
+    assert settings.db_pool_size == 7
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("DB_POOL_SIZE=7\n")
+    monkeypatch.setenv("DB_POOL_SIZE", "9")
+    assert get_settings().db_pool_size == 9
+
+
+def test_a_hostile_password_survives_the_round_trip() -> None:
+    url = get_settings(postgres_password=HOSTILE).url
+    rendered = url.render_as_string(hide_password=False)
+    assert HOSTILE not in rendered  # escaped ...
+    assert make_url(rendered).password == HOSTILE  # ... and back
+    # The escaped form works in DATABASE_URL too.
+    assert get_settings(database_url=rendered).url.password == HOSTILE
+
+
+def test_unix_socket_urls_need_no_host() -> None:
+    url = get_settings(database_url="postgresql://app@/app?host=/var/run/postgresql").url
+    assert url.query["host"] == "/var/run/postgresql"
+
+
+def test_the_password_is_hidden_everywhere() -> None:
+    settings = get_settings(
+        database_url=f"postgresql://shop:{HOSTILE.replace('@', '%40')}@db/shop",
+        postgres_password=HOSTILE,
+    )
+    for text in (repr(settings), str(settings), repr(settings.url), str(settings.url)):
+        assert "p@ss" not in text
+        assert "p%40ss" not in text
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"database_url": "not a url"}, "DATABASE_URL: not a URL"),
+        ({"database_url": "mysql://u:hunter2@h/db"}, "DATABASE_URL: unsupported 'mysql'"),
+        ({"database_url": "postgresql+psycopg2://u:hunter2@h/db"}, "unsupported 'postgresql+psy"),
+        ({"database_url": "postgresql://u:hunter2@@h/db"}, "unescaped '@' in the password"),
+        ({"database_url": "postgresql://u:hunter2@ss:w/rd@h/db"}, "DATABASE_URL: bad port"),
+        ({"database_url": "postgresql://u:hunter2@/db"}, "DATABASE_URL: no host"),
+        ({"database_url": "postgresql://u:hunter2@h"}, "DATABASE_URL: no database name"),
+        ({"database_driver": "psycopg2"}, "DATABASE_DRIVER: Input should be 'asyncpg'"),
+        ({"postgres_host": " "}, "POSTGRES_HOST: must not be empty"),
+        ({"postgres_port": 70000}, "POSTGRES_PORT: Input should be less than or equal to 65535"),
+        ({"db_pool_size": 0}, "DB_POOL_SIZE: Input should be greater than or equal to 1"),
+        ({"db_connect_timeout": 0}, "DB_CONNECT_TIMEOUT: Input should be greater than 0"),
+    ],
+)
+def test_bad_settings_give_one_line_without_the_password(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        get_settings(**values)
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+    assert "hunter2" not in text
+    assert caught.value.__cause__ is None  # `from None`: the pydantic error (with input) is gone
+
+
+def test_bad_environment_is_reported_with_the_variable_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POSTGRES_PORT", "5432a")
+    monkeypatch.setenv("DB_POOL_SIZE", "-1")
+    with pytest.raises(SettingsError, match=r"POSTGRES_PORT: .*; DB_POOL_SIZE: "):
+        get_settings()
+
+
+def test_pydantics_own_error_does_not_echo_the_input_either() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(database_url="mysql://u:hunter2@h/db")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_settings_are_frozen() -> None:
+    settings = get_settings()
+    with pytest.raises(ValidationError):
+        settings.db_pool_size = 1  # type: ignore[misc]
