@@ -51,6 +51,11 @@ class FenceSettings:
     @classmethod
     def parse(cls, prefix: str, where: str) -> FenceSettings:
         values = dict(_SETTING.findall(prefix))
+        if values and not prefix.startswith("{"):
+            # Without braces, superfences does not see a fence at all and prints it as text.
+            raise ValueError(
+                f'{where}: write fence settings in braces: ``` {{.python key="value"}}'
+            )
         unknown = set(values) - _KNOWN
         if unknown:
             raise ValueError(f"{where}: unknown fence setting(s) {sorted(unknown)}")
@@ -89,7 +94,12 @@ class ConsoleBlock:
     commands: list[Command] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return f"{self.path.relative_to(DOCS.parent)}:{self.start_line}-{self.end_line}"
+        path = (
+            self.path.relative_to(DOCS.parent)
+            if self.path.is_relative_to(DOCS.parent)
+            else self.path
+        )
+        return f"{path}:{self.start_line}-{self.end_line}"
 
     @property
     def settings(self) -> FenceSettings:
@@ -128,7 +138,7 @@ def find_console_blocks(root: Path = DOCS) -> Iterator[ConsoleBlock]:
         text = path.read_text("utf-8")
         for match in _FENCE.finditer(text):
             prefix = match.group(3).strip()
-            if not prefix.startswith("console"):
+            if not prefix.lstrip("{ .").startswith("console"):
                 continue
             indent = len(match.group(1)) - 3
             body = textwrap.dedent(match.group(4))

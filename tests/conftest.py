@@ -13,6 +13,7 @@ from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from dblayer.settings import DRIVERS, Driver
+from tests import verified
 from tests.blocks import apply_console_updates
 from tests.databases import Databases, Server
 
@@ -29,6 +30,8 @@ _SETTINGS_PREFIXES = ("POSTGRES_", "DB_")
 class Report:
     """What the docs tests ran, for the closing summary."""
 
+    total: int = 0  # docs tests the run would have if nothing were deselected
+    finished: int = 0  # docs tests that passed or were skipped as exempt
     blocks: Counter[str] = field(default_factory=Counter)  # per driver
     consoles: Counter[str] = field(default_factory=Counter)  # per driver
     exemptions: dict[str, str] = field(default_factory=dict)  # block -> reason
@@ -51,10 +54,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[REPORT] = Report()
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Console outputs queued by `make update-examples` go into the pages last."""
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Console outputs queued by `make update-examples` go into the pages last; a complete green
+    run records what it verified for the index page."""
     for block in apply_console_updates():
         print(f"updated console output: {block}")
+    report = session.config.stash.get(REPORT, None)
+    server = session.config.stash.get(SERVER, None)
+    if report is None or server is None or session.config.option.update_examples:
+        return
+    if exitstatus == 0 and report.total > 0 and report.finished == report.total:
+        verified.record(
+            server.version,
+            blocks=report.blocks[DRIVERS[0]],
+            consoles=report.consoles[DRIVERS[0]],
+            exemptions=len(report.exemptions),
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:

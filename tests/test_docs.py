@@ -55,8 +55,14 @@ def _settings(block: CodeExample | ConsoleBlock, driver: Driver, report: Report)
         scope = "not run" if settings.skip else f"runs under {', '.join(settings.drivers)} only"
         report.exemptions[str(block)] = f"{scope}: {settings.reason}"
     if settings.skip or driver not in settings.drivers:
+        report.finished += 1
         pytest.skip(f"exempt: {settings.reason}")
     return settings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _count_all_docs_tests(report: Report) -> None:
+    report.total = len(DRIVERS) * (len(PYTHON_BLOCKS) + len(CONSOLE_BLOCKS))
 
 
 def test_the_pages_have_blocks() -> None:
@@ -99,6 +105,7 @@ def test_python_block(
     else:
         _run_print_check_normalised(eval_example, example, module)
     report.blocks[driver] += 1
+    report.finished += 1
 
 
 def _ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) -> None:
@@ -178,6 +185,7 @@ def test_console_block(
     if request.config.getoption("update_examples") and driver == DRIVERS[0]:
         _rewrite_console_block(block, outputs)
     report.consoles[driver] += 1
+    report.finished += 1
 
 
 def _rewrite_console_block(block: ConsoleBlock, outputs: list[str]) -> None:

@@ -1,0 +1,105 @@
+"""The harness itself: each check must be able to fail, or a green run proves nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _pytest.outcomes import Failed
+from pytest_examples import CodeExample, EvalExample
+
+from tests.blocks import (
+    CONSOLE_UPDATES,
+    FenceSettings,
+    apply_console_updates,
+    find_console_blocks,
+    normalise,
+)
+from tests.test_docs import _ruff_format, _run_print_check_normalised
+
+
+def test_normalise_keeps_what_matters() -> None:
+    assert normalise("ok: PostgreSQL 16.2") == normalise("ok: PostgreSQL 15.18 (Debian 15.18-0)")
+    assert normalise("took 12 ms") == normalise("took 3.5s")
+    assert normalise("127.0.0.1:5432/app") == normalise("127.0.0.1:40001/app")
+    # Port 1 is the "connection refused" example: it is content, not noise.
+    assert normalise("127.0.0.1:1/app") != normalise("127.0.0.1:2/app")
+    assert normalise("ok: PostgreSQL 16.2") != normalise("error: PostgreSQL 16.2")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ('{.python test="skip"}', "needs reason="),
+        ('{.python drivers="asyncpg"}', "needs reason="),
+        ('{.python test="maybe" reason="x"}', 'only takes "skip"'),
+        ('{.python drivers="psycopg2" reason="x"}', "names none of"),
+        ('{.python colour="red"}', "unknown fence setting"),
+        ('python test="skip" reason="x"', "in braces"),
+    ],
+)
+def test_fence_settings_are_checked(prefix: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FenceSettings.parse(prefix, "page.md:1")
+
+
+def test_fence_settings() -> None:
+    assert not FenceSettings.parse("python", "x").exempt
+    assert not FenceSettings.parse('{.python title="a.py"}', "x").exempt
+    only = FenceSettings.parse('{.python drivers="psycopg" reason="psycopg tab"}', "x")
+    assert (only.drivers, only.exempt, only.reason) == (("psycopg",), True, "psycopg tab")
+    assert FenceSettings.parse('{.console test="skip" reason="docker"}', "x").skip
+
+
+def page(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "page.md"
+    path.write_text(text)
+    return path
+
+
+def test_console_blocks_are_parsed_and_rewritten(tmp_path: Path) -> None:
+    path = page(
+        tmp_path,
+        "Intro\n\n```console\n$ echo a \\\n    b\na b\n$ true\n```\n\n"
+        '=== "Tab"\n\n    ```console\n    $ echo indented\n    old\n    ```\n',
+    )
+    first, second = find_console_blocks(tmp_path)
+    assert [(c.line, c.expected) for c in first.commands] == [("echo a b", "a b"), ("true", "")]
+    assert second.indent == 4
+    CONSOLE_UPDATES[(path, 1)] = second.render(["indented"])
+    CONSOLE_UPDATES[(path, 0)] = first.render(["a b", ""])
+    assert apply_console_updates() == [f"{second}"]  # the first one did not change
+    assert "    $ echo indented\n    indented\n    ```" in path.read_text()
+    assert "$ echo a \\\n    b\na b\n$ true\n```" in path.read_text()
+
+
+def test_a_console_block_must_start_with_a_command(tmp_path: Path) -> None:
+    page(tmp_path, "```console\noutput without a command\n```\n")
+    with pytest.raises(ValueError, match="starts with a `\\$ ` command"):
+        list(find_console_blocks(tmp_path))
+
+
+def example(source: str) -> CodeExample:
+    created: CodeExample = CodeExample.create(source, path=Path("docs/page.md"), start_line=10)
+    return created
+
+
+def test_a_wrong_printed_output_fails(eval_example: EvalExample) -> None:
+    module: dict[str, object] = {"__name__": "__main__"}
+    _run_print_check_normalised(eval_example, example("print(1 + 1)\n#> 2\n"), module)
+    with pytest.raises(Failed, match="Print output changed code"):
+        _run_print_check_normalised(eval_example, example("print(1 + 1)\n#> 3\n"), module)
+    with pytest.raises(Failed, match="Print output changed code"):
+        _run_print_check_normalised(eval_example, example("print(1 + 1)\n"), module)
+
+
+def test_a_varying_version_does_not_fail(eval_example: EvalExample) -> None:
+    module: dict[str, object] = {"__name__": "__main__"}
+    source = 'print("PostgreSQL 15.18")\n#> PostgreSQL 16.2\n'
+    _run_print_check_normalised(eval_example, example(source), module)
+
+
+def test_unformatted_blocks_fail(eval_example: EvalExample) -> None:
+    _ruff_format(example("x = 1\nprint(x)\n#> 1\n"), eval_example, update=False)
+    with pytest.raises(Failed, match="not ruff-formatted"):
+        _ruff_format(example("x=1\n"), eval_example, update=False)
