@@ -26,6 +26,7 @@ _KNOWN = {"test", "drivers", "reason", "title"}
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
     # The server's version: the pages are recorded on 16, CI also runs them on 15.
+    (re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)?"), "<time>"),
     (re.compile(r"PostgreSQL \d+(?:\.\d+)*(?: \([^)]*\))?"), "PostgreSQL <version>"),
     (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s)\b"), "<duration>"),
     (re.compile(r"(?:/tmp|/dev/shm)/[\w./-]+"), "<tmp>"),
@@ -176,3 +177,26 @@ def _parse_commands(body: str, where: str) -> Iterator[Command]:
             output.append(lines[index])
             index += 1
         yield Command(line=command, raw="\n".join(raw), expected="\n".join(output).rstrip())
+
+
+_INCLUDE = re.compile(r'--8<-- "([^":]+)(?::([\w-]+))?"')
+
+
+def missing_includes(root: Path = DOCS) -> list[str]:
+    """Every `--8<-- "file:section"` in the pages whose file or section does not exist.
+
+    mkdocs --strict fails on these too; this says which, before the slower site build.
+    """
+    problems = []
+    for page in sorted(root.rglob("*.md")):
+        for match in _INCLUDE.finditer(page.read_text("utf-8")):
+            target, section = root.parent / match.group(1), match.group(2)
+            if not target.is_file():
+                problems.append(f"{page.name}: {match.group(1)} does not exist")
+                continue
+            text = target.read_text("utf-8")
+            if section and not (
+                f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text
+            ):
+                problems.append(f"{page.name}: {match.group(1)} has no section {section!r}")
+    return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -37,9 +38,17 @@ class Report:
     exemptions: dict[str, str] = field(default_factory=dict)  # block -> reason
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.collectonly:
         return
+    # A CI timeout or `kill` sends SIGTERM, which would end the run without cleaning up: treat it
+    # as Ctrl-C, so the embedded server is stopped and its files removed either way.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     server = Server.from_environment()
     config.add_cleanup(server.stop)  # also runs after a failure or Ctrl-C
     databases = Databases(server)

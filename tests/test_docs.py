@@ -7,11 +7,14 @@ their output is compared after `blocks.normalise`. `make update-examples` rewrit
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from tests.blocks import (
     ConsoleBlock,
     FenceSettings,
     find_console_blocks,
+    missing_includes,
     normalise,
 )
 from tests.conftest import Report
@@ -65,6 +69,10 @@ def _count_all_docs_tests(report: Report) -> None:
     report.total = len(DRIVERS) * (len(PYTHON_BLOCKS) + len(CONSOLE_BLOCKS))
 
 
+def test_every_include_resolves() -> None:
+    assert missing_includes() == []
+
+
 def test_the_pages_have_blocks() -> None:
     """Guards the harness itself: a broken finder would otherwise pass by running nothing."""
     assert len(PYTHON_BLOCKS) >= 5
@@ -82,7 +90,7 @@ def test_python_block(
     report: Report,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _settings(example, driver, report)
+    primary = _settings(example, driver, report).drivers[0]  # lints and updates the page
     url = databases.url(fresh_database, driver).render_as_string(hide_password=False)
     monkeypatch.setenv("DATABASE_URL", url)
     eval_example.set_config(
@@ -91,21 +99,55 @@ def test_python_block(
         ruff_ignore=["T201"],
     )
     update = eval_example.update_examples
-    if driver == DRIVERS[0]:  # lint once per block
+    if driver == primary:  # lint once per block
         if update:
             eval_example.format_ruff(example)  # `ruff check --fix`
         else:
             eval_example.lint_ruff(example)
         _ruff_format(example, eval_example, update)
     module: dict[str, object] = {"__name__": "__main__"}
-    if update and driver == DRIVERS[0]:
+    with _interrupts_stop_the_run():
+        _run_block(eval_example, example, module, update, driver == primary)
+    report.blocks[driver] += 1
+    report.finished += 1
+
+
+@contextlib.contextmanager
+def _interrupts_stop_the_run() -> Iterator[None]:
+    """pytest-examples turns Ctrl-C inside a block into a print; make it end the run again, so
+    the embedded server is stopped as after any Ctrl-C."""
+    interrupted: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Exception:
+        if not interrupted:
+            raise  # the block's own failure
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if interrupted:
+        raise KeyboardInterrupt(f"signal {interrupted[0]} while a block ran")
+
+
+def _run_block(
+    eval_example: EvalExample,
+    example: CodeExample,
+    module: dict[str, object],
+    update: bool,
+    primary: bool,
+) -> None:
+    if update and primary:
         eval_example.run_print_update(example, module_globals=module)
     elif update:  # the page is rewritten at the end of the run: nothing to compare with yet
         eval_example.run(example, module_globals=module)
     else:
         _run_print_check_normalised(eval_example, example, module)
-    report.blocks[driver] += 1
-    report.finished += 1
 
 
 def _ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) -> None:
@@ -155,7 +197,7 @@ def test_console_block(
     request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
-    _settings(block, driver, report)
+    primary = _settings(block, driver, report).drivers[0]
     env = {
         **os.environ,
         "DATABASE_URL": databases.url(fresh_database, driver).render_as_string(hide_password=False),
@@ -182,7 +224,7 @@ def test_console_block(
             f"{block}: `{command.line}` printed (exit {result.returncode}):\n{output}\n"
             f"the page shows:\n{command.expected}"
         )
-    if request.config.getoption("update_examples") and driver == DRIVERS[0]:
+    if request.config.getoption("update_examples") and driver == primary:
         _rewrite_console_block(block, outputs)
     report.consoles[driver] += 1
     report.finished += 1

@@ -20,10 +20,14 @@ from dblayer.engine import (
 from dblayer.settings import Driver, get_settings
 
 
-async def unavailable(url: URL, **values: object) -> str:
-    """Try to connect to `url`; return the one-line error."""
-    raw = url.render_as_string(hide_password=False)
-    engine = create_engine(get_settings(database_url=raw, **values))
+async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: object) -> str:
+    """Try to connect to `url` with echo on; return the one-line error, checked for secrets."""
+    caplog.set_level(logging.DEBUG)
+    password = str(url.password)
+    settings = get_settings(
+        database_url=url.render_as_string(hide_password=False), db_echo=True, **values
+    )
+    engine = create_engine(settings)
     try:
         with pytest.raises(DatabaseUnavailableError) as caught:
             await check_connection(engine)
@@ -31,7 +35,9 @@ async def unavailable(url: URL, **values: object) -> str:
         await engine.dispose()
     message = str(caught.value)
     assert "\n" not in message
-    assert caught.value.__cause__ is None
+    assert caught.value.__cause__ is None  # no driver traceback chained on
+    for text in (message, caplog.text, repr(settings), repr(engine.sync_engine)):
+        assert password not in text
     return message
 
 
@@ -62,22 +68,20 @@ async def test_engine_from_the_environment_uses_the_pool_settings(
 
 
 async def test_wrong_password(database_url: URL, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-    message = await unavailable(database_url.set(password="hunter2"), db_echo=True)
+    message = await unavailable(database_url.set(password="hunter2"), caplog)
     assert message == (
         f"cannot connect to 127.0.0.1:{database_url.port}/{database_url.database}: "
         "password authentication failed for user 'postgres'"
     )
-    assert "hunter2" not in caplog.text
 
 
-async def test_missing_database(database_url: URL) -> None:
-    message = await unavailable(database_url.set(database="no_such_db"))
+async def test_missing_database(database_url: URL, caplog: pytest.LogCaptureFixture) -> None:
+    message = await unavailable(database_url.set(database="no_such_db"), caplog)
     assert message.endswith("/no_such_db: database 'no_such_db' does not exist")
 
 
-async def test_refused_port(database_url: URL) -> None:
-    message = await unavailable(database_url.set(port=1))
+async def test_refused_port(database_url: URL, caplog: pytest.LogCaptureFixture) -> None:
+    message = await unavailable(database_url.set(port=1), caplog)
     assert message == "cannot connect to 127.0.0.1:1/" + str(database_url.database) + (
         ": connection refused; is the server running on that port?"
     )
@@ -99,10 +103,12 @@ async def silent_port() -> AsyncIterator[int]:
     await server.wait_closed()
 
 
-async def test_unreachable_fails_fast_naming_the_host(database_url: URL, silent_port: int) -> None:
+async def test_unreachable_fails_fast_naming_the_host(
+    database_url: URL, silent_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    message = await unavailable(database_url.set(port=silent_port), db_connect_timeout=1)
+    message = await unavailable(database_url.set(port=silent_port), caplog, db_connect_timeout=1)
     assert loop.time() - started < 5  # the connect timeout, not the OS's minutes
     assert message.startswith(f"cannot connect to 127.0.0.1:{silent_port}/")
     assert message.endswith("timed out; is the host reachable and the port open?")
