@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help install docs site test test-fast update-examples lint format clean
+.PHONY: help install docs site test update-examples lint format bench clean
 
 help:
 	@echo "make docs             serve the site at http://$(HOST):$(PORT) with live reload"
@@ -19,6 +19,7 @@ help:
 	@echo "make site             build the static site strictly into site/"
 	@echo "make update-examples  rewrite the #> output comments in docs/ from a real run"
 	@echo "make lint             ruff and mypy only"
+	@echo "make bench            run the benchmarks; their tables go into docs/.bench/"
 
 install: $(STAMP)
 
@@ -48,22 +49,26 @@ site: $(STAMP) $(MERMAID_JS)
 	$(mermaid_env) $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+# Ratios from one run on this machine, not timed tests: the tables are recorded for the pages.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pooling.py
 
 # Tests first (they record what they verified for the index page), then the strict site build,
 # which fails on a missing include or section.
 test: lint
-	$(BIN)/python -m pytest --cov --cov-report=term-missing $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --cov --cov-report=term-missing $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory site
 
 update-examples: $(STAMP)
-	$(BIN)/python -m pytest tests/test_docs.py --update-examples $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p no:xdist tests/test_docs.py --update-examples $(PYTEST_ARGS)
 
 clean:
 	rm -rf site .cache .pytest_cache .mypy_cache .ruff_cache .coverage $(dir $(MERMAID_JS))

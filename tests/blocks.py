@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pytest_examples import CodeExample, find_examples
+
 from dblayer.settings import DRIVERS, Driver
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -30,6 +32,8 @@ _NORMALISE = [
     (re.compile(r"PostgreSQL \d+(?:\.\d+)*(?: \([^)]*\))?"), "PostgreSQL <version>"),
     (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s)\b"), "<duration>"),
     (re.compile(r"(?:/tmp|/dev/shm)/[\w./-]+"), "<tmp>"),
+    # pytest-examples names a block's module after its page and lines: `pooling_391_420.py`.
+    (re.compile(r"\b[a-z-]+_\d+_\d+\.py:\d+"), "<block>.py:<line>"),
     (re.compile(r"127\.0\.0\.1:(?!1\b)\d+"), "127.0.0.1:<port>"),  # port 1 is the refused one
 ]
 
@@ -112,6 +116,25 @@ class ConsoleBlock:
         for command, output in zip(self.commands, outputs, strict=True):
             parts.append(f"{command.raw}\n" + (output.rstrip() + "\n" if output.strip() else ""))
         return textwrap.indent("".join(parts), " " * self.indent)
+
+
+_SNIPPET_LINE = re.compile(r'^\s*--8<-- "[^"]+"\s*$')
+
+
+def python_blocks(root: Path = DOCS) -> tuple[list[CodeExample], list[CodeExample]]:
+    """(programs, includes): a block made only of `--8<--` lines shows code from src/, which
+    mkdocs --strict checks and the module's own tests run; every other block is a program."""
+    found = sorted(find_examples(root), key=lambda b: (str(b.path), b.start_line))
+    includes = [
+        b for b in found if all(_SNIPPET_LINE.match(x) for x in b.source.strip().splitlines())
+    ]
+    return [b for b in found if b not in includes], includes
+
+
+def expected_docs_tests(root: Path = DOCS) -> int:
+    """How many docs tests a complete run has: every block under every driver."""
+    programs, _ = python_blocks(root)
+    return len(DRIVERS) * (len(programs) + len(list(find_console_blocks(root))))
 
 
 # (page, ordinal of the console block in it) -> new body; written by `apply_console_updates`.

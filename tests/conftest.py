@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -15,12 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from dblayer.settings import DRIVERS, Driver
 from tests import verified
-from tests.blocks import apply_console_updates
+from tests.blocks import apply_console_updates, expected_docs_tests
 from tests.databases import Databases, Server
 
 SERVER = pytest.StashKey[Server]()
 DATABASES = pytest.StashKey[Databases]()
-REPORT = pytest.StashKey["Report"]()
 
 # Variables the settings read: cleared for every test so a developer's shell or .env never leaks in.
 _SETTINGS_ENV = ("DATABASE_URL", "DATABASE_DRIVER")
@@ -29,17 +29,41 @@ _SETTINGS_PREFIXES = ("POSTGRES_", "DB_")
 
 @dataclass
 class Report:
-    """What the docs tests ran, for the closing summary."""
+    """What the docs tests ran, gathered from test reports (so from every xdist worker)."""
 
-    total: int = 0  # docs tests the run would have if nothing were deselected
-    finished: int = 0  # docs tests that passed or were skipped as exempt
     blocks: Counter[str] = field(default_factory=Counter)  # per driver
     consoles: Counter[str] = field(default_factory=Counter)  # per driver
     exemptions: dict[str, str] = field(default_factory=dict)  # block -> reason
+    finished: int = 0  # docs tests that passed, or were skipped as exempt
+    isolation: dict[str, float] = field(default_factory=dict)  # test -> clone + drop seconds
+
+    def add(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == "isolation_seconds" and isinstance(value, float):
+                self.isolation[report.nodeid] = self.isolation.get(report.nodeid, 0) + value
+            elif key == "docs" and isinstance(value, dict) and report.when == "call":
+                self._add_block(report, value)
+
+    def _add_block(self, report: pytest.TestReport, block: dict[str, str]) -> None:
+        if report.failed:
+            return
+        if block["exempt"]:
+            self.exemptions[block["block"]] = block["exempt"]
+        if report.passed:
+            counter = self.blocks if block["kind"] == "python" else self.consoles
+            counter[block["driver"]] += 1
+        self.finished += 1
+
+
+REPORTS = Report()  # in the process that prints the summary: xdist's controller, or the only one
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,8 +73,19 @@ def pytest_configure(config: pytest.Config) -> None:
     # as Ctrl-C, so the embedded server is stopped and its files removed either way.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
+    controller = _is_xdist_controller(config)
+    if controller and config.option.update_examples:
+        raise pytest.UsageError("--update-examples rewrites pages: run it without -n")
     server = Server.from_environment()
     config.add_cleanup(server.stop)  # also runs after a failure or Ctrl-C
+    config.stash[SERVER] = server
+    if controller:
+        # xdist workers start after this hook and inherit the environment: one server for all,
+        # each worker with databases (and a template) of its own.
+        server.read_version()
+        os.environ["TEST_DATABASE_URL"] = server.admin_url.render_as_string(hide_password=False)
+        os.environ["DBLAYER_TEST_SERVER_ORIGIN"] = server.origin
+        return
     databases = Databases(server)
     try:
         databases.setup()
@@ -58,9 +93,12 @@ def pytest_configure(config: pytest.Config) -> None:
         server.stop()
         raise
     config.add_cleanup(databases.teardown)
-    config.stash[SERVER] = server
     config.stash[DATABASES] = databases
-    config.stash[REPORT] = Report()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.user_properties:
+        REPORTS.add(report)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -68,16 +106,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     run records what it verified for the index page."""
     for block in apply_console_updates():
         print(f"updated console output: {block}")
-    report = session.config.stash.get(REPORT, None)
     server = session.config.stash.get(SERVER, None)
-    if report is None or server is None or session.config.option.update_examples:
+    if server is None or hasattr(session.config, "workerinput"):
         return
-    if exitstatus == 0 and report.total > 0 and report.finished == report.total:
+    if session.config.option.update_examples:
+        return
+    if exitstatus == 0 and REPORTS.finished == expected_docs_tests():
         verified.record(
             server.version,
-            blocks=report.blocks[DRIVERS[0]],
-            consoles=report.consoles[DRIVERS[0]],
-            exemptions=len(report.exemptions),
+            blocks=REPORTS.blocks[DRIVERS[0]],
+            consoles=REPORTS.consoles[DRIVERS[0]],
+            exemptions=len(REPORTS.exemptions),
         )
 
 
@@ -91,20 +130,18 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
-    report = config.stash.get(REPORT, None)
     server = config.stash.get(SERVER, None)
-    databases = config.stash.get(DATABASES, None)
-    if report is None or server is None or databases is None:
+    if server is None:
         return
+    report = REPORTS
     write = terminalreporter.write_line
     terminalreporter.section("docs")
     for block, reason in sorted(report.exemptions.items()):
         write(f"exempt: {block}: {reason}")
-    if databases.clone_seconds:
-        per_clone = sorted(databases.clone_seconds)[len(databases.clone_seconds) // 2] * 1000
-        write(
-            f"isolation: {len(databases.clone_seconds)} databases, median {per_clone:.0f} ms each"
-        )
+    if report.isolation:
+        costs = sorted(report.isolation.values())
+        median = costs[len(costs) // 2] * 1000
+        write(f"isolation: {len(costs)} databases, median {median:.0f} ms each (clone + drop)")
     blocks = ", ".join(f"{report.blocks[d]} under {d}" for d in DRIVERS)
     consoles = ", ".join(f"{report.consoles[d]} under {d}" for d in DRIVERS)
     write(
@@ -133,11 +170,6 @@ def databases(pytestconfig: pytest.Config) -> Databases:
     return pytestconfig.stash[DATABASES]
 
 
-@pytest.fixture(scope="session")
-def report(pytestconfig: pytest.Config) -> Report:
-    return pytestconfig.stash[REPORT]
-
-
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> Driver:
     value: Driver = request.param
@@ -145,11 +177,17 @@ def driver(request: pytest.FixtureRequest) -> Driver:
 
 
 @pytest.fixture
-def fresh_database(databases: Databases) -> Iterator[str]:
+def fresh_database(databases: Databases, request: pytest.FixtureRequest) -> Iterator[str]:
     """The name of a new database cloned from the template, dropped after the test."""
+    started = time.perf_counter()
     name = databases.clone()
+    cloned = time.perf_counter() - started
     yield name
+    started = time.perf_counter()
     databases.drop(name)
+    request.node.user_properties.append(
+        ("isolation_seconds", cloned + time.perf_counter() - started)
+    )
 
 
 @pytest.fixture

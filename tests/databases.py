@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-import time
 from dataclasses import dataclass, field
 
 import psycopg
@@ -40,13 +39,20 @@ class Server:
             if not url.database:
                 url = url.set(database="postgres")
             where = f"{url.host or 'localhost'}:{url.port or 5432}"
-            return cls(url.set(drivername="postgresql"), f"TEST_DATABASE_URL ({where})")
+            # xdist workers use the controller's server, and its description
+            origin = os.environ.get("DBLAYER_TEST_SERVER_ORIGIN", f"TEST_DATABASE_URL ({where})")
+            return cls(url.set(drivername="postgresql"), origin)
         embedded = EmbeddedPostgres().start()
         return cls(
             embedded.url("postgres").set(drivername="postgresql"),
             f"embedded, {embedded.binaries.source}",
             embedded=embedded,
         )
+
+    def read_version(self) -> None:
+        with connect(self.admin_url) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        self.version = str(row[0]) if row else "?"
 
     def stop(self) -> None:
         if self.embedded is not None:
@@ -73,7 +79,6 @@ class Databases:
     server: Server
     run: str = field(default_factory=lambda: secrets.token_hex(3))
     created: list[str] = field(default_factory=list)
-    clone_seconds: list[float] = field(default_factory=list)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
     _admin: psycopg.Connection[tuple[object, ...]] | None = None
 
@@ -89,15 +94,12 @@ class Databases:
 
     def setup(self) -> None:
         """Read the server version and build the template (empty until migrations exist)."""
-        row = self.admin.execute("SHOW server_version").fetchone()
-        self.server.version = str(row[0]) if row else "?"
+        self.server.read_version()
         self._create(self.template, template="template0")
 
     def clone(self) -> str:
         name = f"{PREFIX}{self.run}_{next(self._counter)}"
-        started = time.perf_counter()
         self._create(name, template=self.template)
-        self.clone_seconds.append(time.perf_counter() - started)
         return name
 
     def url(self, database: str, driver: Driver) -> URL:
@@ -106,18 +108,22 @@ class Databases:
     def drop(self, name: str) -> None:
         if not name.startswith(f"{PREFIX}{self.run}_"):  # pragma: no cover - a guard, never taken
             raise ValueError(f"refusing to drop {name!r}: not created by this run")
-        started = time.perf_counter()
         self.admin.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
-        if self.clone_seconds:
-            self.clone_seconds[-1] += time.perf_counter() - started
         if name in self.created:
             self.created.remove(name)
 
     def teardown(self) -> None:
         for name in reversed(list(self.created)):
             self.drop(name)
+        # Roles are cluster-wide: a block that failed half-way may have left one named after its
+        # database. Only this run's names are matched.
+        pattern = f"{PREFIX}{self.run}\\_%"
+        for (role,) in self.admin.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (pattern,)
+        ).fetchall():
+            self.admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(str(role))))
         if self._admin is not None:
             self._admin.close()
             self._admin = None

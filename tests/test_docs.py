@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pytest_examples import CodeExample, EvalExample, find_examples
+from pytest_examples import CodeExample, EvalExample
 from pytest_examples.run_code import InsertPrintStatements
 
 from dblayer.settings import DRIVERS, Driver
@@ -30,43 +30,51 @@ from tests.blocks import (
     find_console_blocks,
     missing_includes,
     normalise,
+    python_blocks,
 )
-from tests.conftest import Report
 from tests.databases import Databases
 
 ROOT = DOCS.parent
-SNIPPET = re.compile(r'^\s*--8<-- "[^"]+"\s*$')
-_ALL_PYTHON = sorted(find_examples(DOCS), key=str)
-# A block made only of `--8<--` lines shows code from src/: mkdocs --strict checks the include, and
-# the module's own tests run the code.
-INCLUDES = [b for b in _ALL_PYTHON if all(SNIPPET.match(x) for x in b.source.strip().splitlines())]
-PYTHON_BLOCKS = [b for b in _ALL_PYTHON if b not in INCLUDES]
+PYTHON_BLOCKS, INCLUDES = python_blocks()
 CONSOLE_BLOCKS = list(find_console_blocks())
 
 
 def _params(blocks: list[CodeExample] | list[ConsoleBlock]) -> list[object]:
-    """One test per block and driver; ids read `docs/engine.md:12-30-psycopg`."""
+    """One test per block and driver; ids read `docs/engine.md:12-30-psycopg`.
+
+    Under xdist the two may run at once on different workers, each in its own database: a block
+    must not depend on anything outside its database (roles are cluster-wide: name them after it).
+    """
     return [
-        pytest.param(block, driver, id=f"{block}-{driver}")
+        pytest.param(block, driver, id=f"{name(block)}-{driver}")
         for block in blocks
         for driver in DRIVERS
     ]
 
 
-def _settings(block: CodeExample | ConsoleBlock, driver: Driver, report: Report) -> FenceSettings:
-    settings = FenceSettings.parse(block.prefix, str(block))
+def name(block: CodeExample | ConsoleBlock) -> str:
+    """`docs/page.md:12-30`, whatever the working directory (tests run in their own)."""
+    path = block.path.relative_to(ROOT) if block.path.is_relative_to(ROOT) else block.path
+    return f"{path}:{block.start_line}-{block.end_line}"
+
+
+def _settings(
+    block: CodeExample | ConsoleBlock, driver: Driver, request: pytest.FixtureRequest
+) -> FenceSettings:
+    """The fence's settings; an exempt run is recorded (for the summary) and skipped."""
+    settings = FenceSettings.parse(block.prefix, name(block))
+    record = {"block": name(block), "driver": driver, "kind": _kind(block), "exempt": ""}
     if settings.exempt:
         scope = "not run" if settings.skip else f"runs under {', '.join(settings.drivers)} only"
-        report.exemptions[str(block)] = f"{scope}: {settings.reason}"
+        record["exempt"] = f"{scope}: {settings.reason}"
+    request.node.user_properties.append(("docs", record))  # read by conftest's report
     if settings.skip or driver not in settings.drivers:
-        report.finished += 1
         pytest.skip(f"exempt: {settings.reason}")
     return settings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _count_all_docs_tests(report: Report) -> None:
-    report.total = len(DRIVERS) * (len(PYTHON_BLOCKS) + len(CONSOLE_BLOCKS))
+def _kind(block: CodeExample | ConsoleBlock) -> str:
+    return "console" if isinstance(block, ConsoleBlock) else "python"
 
 
 def test_every_include_resolves() -> None:
@@ -87,10 +95,10 @@ def test_python_block(
     eval_example: EvalExample,
     databases: Databases,
     fresh_database: str,
-    report: Report,
+    request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    primary = _settings(example, driver, report).drivers[0]  # lints and updates the page
+    primary = _settings(example, driver, request).drivers[0]  # lints and updates the page
     url = databases.url(fresh_database, driver).render_as_string(hide_password=False)
     monkeypatch.setenv("DATABASE_URL", url)
     eval_example.set_config(
@@ -108,8 +116,6 @@ def test_python_block(
     module: dict[str, object] = {"__name__": "__main__"}
     with _interrupts_stop_the_run():
         _run_block(eval_example, example, module, update, driver == primary)
-    report.blocks[driver] += 1
-    report.finished += 1
 
 
 @contextlib.contextmanager
@@ -142,12 +148,38 @@ def _run_block(
     update: bool,
     primary: bool,
 ) -> None:
-    if update and primary:
-        eval_example.run_print_update(example, module_globals=module)
-    elif update:  # the page is rewritten at the end of the run: nothing to compare with yet
-        eval_example.run(example, module_globals=module)
-    else:
-        _run_print_check_normalised(eval_example, example, module)
+    failure = None
+    try:
+        if update and primary:
+            eval_example.run_print_update(example, module_globals=module)
+        elif update:  # the page is rewritten at the end of the run: nothing to compare with yet
+            eval_example.run(example, module_globals=module)
+        else:
+            _run_print_check_normalised(eval_example, example, module)
+    except pytest.fail.Exception:
+        raise
+    except Exception as exc:
+        failure = _describe_block_error(example, exc)
+    if failure:  # raised outside the `except`, so the unrenderable traceback is not chained on
+        pytest.fail(failure, pytrace=False)
+
+
+def _describe_block_error(example: CodeExample, exc: Exception) -> str:
+    """The error and the block's own frames, with page line numbers.
+
+    pytest-examples points the traceback at the page, which pytest cannot render on Python 3.11
+    (an INTERNALERROR); this is the part of it a reader needs.
+    """
+    lines = [f"{name(example)} raised {type(exc).__name__}: {exc}"]
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename.endswith(f"{example.module_name}.py"):
+            lines.append(
+                f"  {example.path.name}:{example.start_line + tb.tb_lineno} in {code.co_name}"
+            )
+        tb = tb.tb_next
+    return "\n".join(lines)
 
 
 def _ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) -> None:
@@ -169,7 +201,7 @@ def _ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) 
                 example.source.splitlines(True), formatted.splitlines(True), "page", "ruff format"
             )
         )
-        pytest.fail(f"{example} is not ruff-formatted (make update-examples):\n{diff}")
+        pytest.fail(f"{name(example)} is not ruff-formatted (make update-examples):\n{diff}")
     example.source = formatted
     eval_example._mark_for_update(example)
 
@@ -193,11 +225,10 @@ def test_console_block(
     driver: Driver,
     databases: Databases,
     fresh_database: str,
-    report: Report,
     request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
-    primary = _settings(block, driver, report).drivers[0]
+    primary = _settings(block, driver, request).drivers[0]
     env = {
         **os.environ,
         "DATABASE_URL": databases.url(fresh_database, driver).render_as_string(hide_password=False),
@@ -226,8 +257,6 @@ def test_console_block(
         )
     if request.config.getoption("update_examples") and driver == primary:
         _rewrite_console_block(block, outputs)
-    report.consoles[driver] += 1
-    report.finished += 1
 
 
 def _rewrite_console_block(block: ConsoleBlock, outputs: list[str]) -> None:

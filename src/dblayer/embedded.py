@@ -202,6 +202,12 @@ class EmbeddedPostgres:
                 raise
             return self
 
+    def restart(self) -> None:
+        """Restart the server in place (fast shutdown): every open connection is cut, as in a
+        failover or a maintenance restart. Same port, same data."""
+        with self._lock:
+            self._pg_ctl("restart", "-w", "-m", "fast", "-l", str(self.directory / "server.log"))
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete its files. Safe to call twice."""
         with self._lock:

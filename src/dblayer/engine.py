@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from uuid import uuid4
 
 from sqlalchemy import URL, text
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from dblayer.settings import Settings, get_settings
 
@@ -26,15 +28,39 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     """Driver-specific connection arguments: the two drivers spell the same options differently."""
     if settings.driver == "psycopg":
         # libpq counts whole seconds and treats anything below 2 as 2.
-        return {"connect_timeout": max(2, round(settings.db_connect_timeout))}
-    return {"timeout": settings.db_connect_timeout}
+        args: dict[str, Any] = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
+        if settings.db_external_pooler:
+            args["prepare_threshold"] = None  # never prepare: the next transaction may be elsewhere
+        return args
+    args = {"timeout": settings.db_connect_timeout}
+    if settings.db_external_pooler:
+        args |= {
+            "statement_cache_size": 0,  # asyncpg's own cache of prepared statements
+            "prepared_statement_cache_size": 0,  # SQLAlchemy's cache on top of it
+            # asyncpg still prepares; unique names cannot clash on a server connection that
+            # another client used before us.
+            "prepared_statement_name_func": _unique_statement_name,
+        }
+    return args
     # --8<-- [end:connect_args]
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid4()}__"
 
 
 # --8<-- [start:create_engine]
 def create_engine(settings: Settings | None = None) -> AsyncEngine:
     """Create the process-wide async engine from settings (the environment when not given)."""
     settings = settings or get_settings()
+    if settings.db_external_pooler:
+        # PgBouncer owns the pooling; a second pool here would hold server connections idle.
+        return create_async_engine(
+            settings.url,
+            echo=settings.db_echo,
+            poolclass=NullPool,
+            connect_args=connect_args(settings),
+        )
     return create_async_engine(
         settings.url,
         echo=settings.db_echo,
@@ -43,6 +69,7 @@ def create_engine(settings: Settings | None = None) -> AsyncEngine:
         pool_timeout=settings.db_pool_timeout,
         pool_recycle=settings.db_pool_recycle,
         pool_pre_ping=settings.db_pool_pre_ping,
+        pool_use_lifo=settings.db_pool_use_lifo,
         connect_args=connect_args(settings),
     )
     # --8<-- [end:create_engine]

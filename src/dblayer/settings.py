@@ -53,12 +53,28 @@ class Settings(BaseSettings):
 
     db_echo: bool = False  # log every SQL statement (development only)
     db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
-    db_pool_size: Annotated[int, Field(ge=1)] = 5
-    db_max_overflow: Annotated[int, Field(ge=0)] = 10
+    # --8<-- [start:pool_settings]
+    db_pool_size: Annotated[int, Field(ge=1)] = 5  # connections kept open
+    db_max_overflow: int = 10  # extra connections under load, closed when returned
     db_pool_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds to wait for a free connection
     db_pool_recycle: Annotated[int, Field(ge=-1)] = 1800  # seconds; -1 never recycles
     db_pool_pre_ping: bool = True  # test a connection before handing it out
+    db_pool_use_lifo: bool = False  # reuse the most recent connection, let idle ones time out
+    db_external_pooler: bool = False  # behind PgBouncer (transaction mode): no pool of our own
+    # --8<-- [end:pool_settings]
     # --8<-- [end:settings]
+
+    @field_validator("db_max_overflow")
+    @classmethod
+    def _bounded_overflow(cls, value: int) -> int:
+        if value < 0:
+            # SQLAlchemy reads -1 as "no limit": a burst could then open more connections than the
+            # server's max_connections allows, and fail there instead of queueing here.
+            raise ValueError(
+                "must be 0 or more; -1 (no limit) is refused, since a burst could then "
+                "exceed the server's max_connections"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod
