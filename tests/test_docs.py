@@ -81,6 +81,14 @@ def test_every_include_resolves() -> None:
     assert missing_includes() == []
 
 
+def test_diagrams_have_no_html_line_breaks() -> None:
+    """Seen in a browser: with mermaid2 and mermaid 12, `<br>` in a label is dropped and the words
+    run together. Write shorter labels instead."""
+    for page in sorted(DOCS.rglob("*.md")):
+        for diagram in re.findall(r"```mermaid\n(.*?)```", page.read_text("utf-8"), flags=re.S):
+            assert "<br" not in diagram, f"{page.name}: a mermaid label uses <br>"
+
+
 def test_the_pages_have_blocks() -> None:
     """Guards the harness itself: a broken finder would otherwise pass by running nothing."""
     assert len(PYTHON_BLOCKS) >= 5
