@@ -149,7 +149,8 @@ def apply_console_updates() -> list[str]:
         blocks = [b for b in find_console_blocks(path.parent) if b.path == path]
         for ordinal, block in reversed(list(enumerate(blocks))):
             body = CONSOLE_UPDATES.get((path, ordinal))
-            if body is not None and body != text[block.start_index : block.end_index]:
+            current = text[block.start_index : block.end_index]
+            if body is not None and normalise(body) != normalise(current):  # not just timestamps
                 text = text[: block.start_index] + body + text[block.end_index :]
                 written.append(str(block))
         path.write_text(text, "utf-8")

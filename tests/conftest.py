@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dblayer.settings import DRIVERS, Driver
+from dblayer.engine import create_engine
+from dblayer.settings import DRIVERS, Driver, get_settings
 from tests import verified
 from tests.blocks import apply_console_updates, expected_docs_tests
 from tests.databases import Databases, Server
@@ -198,6 +199,8 @@ def database_url(databases: Databases, fresh_database: str, driver: Driver) -> U
 
 @pytest.fixture
 async def engine(database_url: URL) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database_url)
+    """The canonical engine (`dblayer.engine.create_engine`) on this test's database."""
+    settings = get_settings(database_url=database_url.render_as_string(hide_password=False))
+    engine = create_engine(settings)
     yield engine
     await engine.dispose()

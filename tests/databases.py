@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import URL, make_url
+from sqlalchemy import URL, create_engine, make_url
+from sqlalchemy.pool import NullPool
 
 from dblayer.embedded import EmbeddedPostgres
+from dblayer.models import Base
 from dblayer.settings import Driver
 
 PREFIX = "dblayer_test_"
@@ -93,9 +95,18 @@ class Databases:
         return self._admin
 
     def setup(self) -> None:
-        """Read the server version and build the template (empty until migrations exist)."""
+        """Read the server version and build the template: every clone starts with the schema.
+
+        Until the Alembic chapter lands, the schema comes from the models' metadata.
+        """
         self.server.read_version()
         self._create(self.template, template="template0")
+        engine = create_engine(self.url(self.template, "psycopg"), poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                Base.metadata.create_all(conn)
+        finally:
+            engine.dispose()
 
     def clone(self) -> str:
         name = f"{PREFIX}{self.run}_{next(self._counter)}"

@@ -58,12 +58,14 @@ def create_engine(settings: Settings | None = None) -> AsyncEngine:
         return create_async_engine(
             settings.url,
             echo=settings.db_echo,
+            hide_parameters=settings.db_hide_parameters,
             poolclass=NullPool,
             connect_args=connect_args(settings),
         )
     return create_async_engine(
         settings.url,
         echo=settings.db_echo,
+        hide_parameters=settings.db_hide_parameters,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     postgres_db: str = "app"
 
     db_echo: bool = False  # log every SQL statement (development only)
+    db_hide_parameters: bool = True  # keep bound values (a password hash, an email) out of logs
+    # and error messages; set false while debugging
     db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
     # --8<-- [start:pool_settings]
     db_pool_size: Annotated[int, Field(ge=1)] = 5  # connections kept open

@@ -1,0 +1,212 @@
+"""The models on a real database: defaults, names, soft delete, constraints, the diagram."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import (
+    Column,
+    Enum,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    exc,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import selectinload
+
+from dblayer.models import Base, Task, TaskStatus, User, UserRole
+from dblayer.models.diagram import er_diagram
+
+
+@pytest.fixture
+async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+        yield session
+
+
+def user(name: str = "ada", **values: object) -> User:
+    return User(email=f"{name}@example.com", username=name, hashed_password="secret-hash", **values)
+
+
+def test_table_names_are_plural_snake_case() -> None:
+    assert sorted(Base.metadata.tables) == ["tasks", "users"]
+
+    class TaskComment(Base):
+        __tablename__: str
+        __table_args__ = {"info": {"scratch": True}}  # noqa: RUF012
+        id = Column(Integer, primary_key=True)
+
+    assert TaskComment.__tablename__ == "task_comments"
+    Base.metadata.remove(TaskComment.__table__)  # type: ignore[arg-type]
+
+
+def test_constraint_names_follow_the_convention() -> None:
+    names = {
+        table.name: sorted(
+            [str(c.name) for c in table.constraints] + [str(i.name) for i in table.indexes]
+        )
+        for table in Base.metadata.sorted_tables
+    }
+    assert names == {
+        "users": ["pk_users", "uq_users_email_live", "uq_users_username_live"],
+        "tasks": ["fk_tasks_user_id_users", "ix_tasks_status", "ix_tasks_user_id", "pk_tasks"],
+    }
+
+
+def test_repr_and_to_dict_never_show_the_password() -> None:
+    ada = user()
+    assert repr(ada) == "User(id=…, email='ada@example.com', username='ada')"
+    assert "hashed_password" not in ada.to_dict()
+    assert ada.to_dict()["email"] == "ada@example.com"
+    ada.id = uuid.UUID(int=1)
+    assert repr(ada).startswith("User(id=UUID('00000000-0000-0000-0000-000000000001')")
+
+
+async def test_defaults_from_python_and_from_the_server(session: AsyncSession) -> None:
+    ada = user()
+    session.add(ada)
+    await session.commit()
+    assert ada.id.version == 7
+    assert (ada.role, ada.is_active, ada.is_superuser, ada.is_deleted) == (
+        UserRole.USER,
+        True,
+        False,
+        False,
+    )
+    assert ada.created_at.tzinfo is not None
+    assert ada.created_at == ada.updated_at  # one transaction, one now()
+    server_row = (await session.execute(text("SELECT role::text FROM users"))).scalar_one()
+    assert server_row == "USER"  # the enum stores names
+
+
+async def test_updated_at_is_fetched_with_the_update(session: AsyncSession) -> None:
+    ada = user()
+    session.add(ada)
+    await session.commit()
+    await asyncio.sleep(0.01)
+    ada.full_name = "Ada Lovelace"
+    await session.commit()
+    assert "updated_at" in ada.__dict__  # loaded by RETURNING, not expired
+    assert ada.updated_at > ada.created_at
+
+
+async def test_uuid7_keys_follow_creation_order(session: AsyncSession) -> None:
+    users = [user(f"u{i}") for i in range(20)]
+    for item in users:
+        session.add(item)
+        await session.flush()
+    stored = (await session.scalars(select(User).order_by(User.id))).all()
+    assert [u.username for u in stored] == [u.username for u in users]
+
+
+async def test_soft_delete_hides_rows_and_relationships(session: AsyncSession) -> None:
+    ada = user(tasks=[Task(title="one")])
+    grace = user("grace")
+    session.add_all([ada, grace])
+    await session.commit()
+    grace.soft_delete()
+    await session.commit()
+    assert grace.deleted_at is not None
+    assert [u.username for u in (await session.scalars(select(User))).all()] == ["ada"]
+    everyone = select(User).execution_options(include_deleted=True)
+    assert len((await session.scalars(everyone)).all()) == 2
+    # A task's user is hidden too when soft-deleted: relationship loads get the same filter.
+    ada.soft_delete()
+    await session.commit()
+    session.expunge_all()
+    task = await session.scalar(select(Task).options(selectinload(Task.user)))
+    assert task is not None
+    assert task.user is None
+    restored = await session.scalar(
+        select(User).where(User.username == "grace").execution_options(include_deleted=True)
+    )
+    assert restored is not None
+    restored.restore()
+    await session.commit()
+    assert (restored.is_deleted, restored.deleted_at) == (False, None)
+    assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+async def test_unique_among_live_rows(session: AsyncSession) -> None:
+    old = user()
+    session.add(old)
+    await session.commit()
+    session.add(User(email=old.email, username="other", hashed_password="secret-hash"))
+    with pytest.raises(exc.IntegrityError) as caught:
+        await session.commit()
+    assert caught.value.orig.sqlstate == "23505"  # type: ignore[union-attr]
+    assert "uq_users_email_live" in str(caught.value)
+    assert "secret-hash" not in str(caught.value)  # parameters are hidden from errors
+    await session.rollback()
+    old.soft_delete()
+    await session.commit()
+    session.add(user())
+    await session.commit()  # the address is free while the old row is deleted
+
+
+async def test_bad_input_is_refused_and_nothing_half_written(session: AsyncSession) -> None:
+    session.add(user())
+    await session.commit()
+    for bad, sqlstate in [
+        (user("x" * 60), "22001"),  # username longer than 50
+        (Task(title="orphan", user_id=uuid.uuid4()), "23503"),
+    ]:
+        session.add_all([user("extra"), bad])
+        with pytest.raises(exc.DBAPIError) as caught:
+            await session.commit()
+        assert caught.value.orig.sqlstate == sqlstate  # type: ignore[union-attr]
+        await session.rollback()
+    with pytest.raises(exc.DBAPIError) as caught:
+        await session.execute(text("UPDATE users SET role = 'OWNER'"))
+    assert caught.value.orig.sqlstate == "22P02"  # type: ignore[union-attr]
+    await session.rollback()
+    assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+async def test_deleting_a_user_deletes_their_tasks_in_the_database(session: AsyncSession) -> None:
+    ada = user(tasks=[Task(title="one"), Task(title="two", status=TaskStatus.IN_PROGRESS)])
+    session.add(ada)
+    await session.commit()
+    await session.execute(text("DELETE FROM users"))  # ON DELETE CASCADE, not the ORM
+    await session.commit()
+    assert await session.scalar(select(func.count()).select_from(Task)) == 0
+
+
+def test_er_diagram_of_the_models() -> None:
+    diagram = er_diagram()
+    assert diagram.startswith("erDiagram\n    users {\n        uuid id PK\n")
+    assert "        varchar(320) email UK\n" in diagram
+    assert "        user_role role\n" in diagram
+    assert '        timestamptz deleted_at "nullable"\n' in diagram
+    assert diagram.endswith('    users ||--o{ tasks : "user_id"\n')
+
+
+def test_er_diagram_marks_every_kind_of_key() -> None:
+    metadata = MetaData()
+    Table("owners", metadata, Column("id", Integer, primary_key=True))
+    Table(
+        "pets",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("tag", String(10), unique=True),
+        Column("name", String(20)),
+        Column("kind", Enum("cat", "dog", native_enum=False, name=None)),
+        Column("owner_id", ForeignKey("owners.id"), nullable=True),
+        UniqueConstraint("name"),
+    )
+    diagram = er_diagram(metadata)
+    assert "        varchar(10) tag UK" in diagram
+    assert "        varchar(20) name UK" in diagram
+    assert '        varchar(3) kind "nullable"' in diagram
+    assert '        integer owner_id FK "nullable"' in diagram
+    assert diagram.endswith('    owners |o--o{ pets : "owner_id"\n')
