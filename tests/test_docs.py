@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from pytest_examples import CodeExample, EvalExample
@@ -201,13 +202,27 @@ def _run_print_update_normalised(
     eval_example: EvalExample, example: CodeExample, module: dict[str, object]
 ) -> None:
     """Like `run_print_update`, but leaves the page alone when only varying values changed."""
-    example.test_id = eval_example._test_id
-    printed: InsertPrintStatements
-    printed, _ = eval_example._run(example, "update", module, True, None)
-    new_code = printed.updated_print_statements(example)
-    if new_code and normalise(new_code).rstrip() != normalise(example.source).rstrip():
+    _, new_code = _run_printing(eval_example, example, module, "update")
+    if new_code is not None:
         example.source = new_code
         eval_example._mark_for_update(example)
+
+
+def _run_printing(
+    eval_example: EvalExample,
+    example: CodeExample,
+    module: dict[str, object],
+    mode: Literal["check", "update"],
+) -> tuple[InsertPrintStatements, str | None]:
+    """Run the block with `print` recorded; the page's new text if its output really changed
+    (not just in what `blocks.normalise` treats as varying), else None."""
+    example.test_id = eval_example._test_id
+    printed: InsertPrintStatements
+    printed, _ = eval_example._run(example, mode, module, True, None)
+    new_code = printed.updated_print_statements(example)
+    if new_code and normalise(new_code).rstrip() != normalise(example.source).rstrip():
+        return printed, new_code
+    return printed, None
 
 
 def _describe_block_error(example: CodeExample, exc: Exception) -> str:
@@ -256,12 +271,8 @@ def _run_print_check_normalised(
     eval_example: EvalExample, example: CodeExample, module: dict[str, object]
 ) -> None:
     """Like `run_print_check`, but versions and durations may differ (see `blocks.normalise`)."""
-    example.test_id = eval_example._test_id
-    printed: InsertPrintStatements
-    printed, _ = eval_example._run(example, "check", module, True, None)
-    expected = example.source
-    actual = printed.updated_print_statements(example) or expected
-    if normalise(actual).rstrip() != normalise(expected).rstrip():
+    printed, new_code = _run_printing(eval_example, example, module, "check")
+    if new_code is not None:
         printed.check_print_statements(example)  # fails with pytest-examples' own diff
 
 
