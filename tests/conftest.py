@@ -67,6 +67,7 @@ def _is_xdist_controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-cov has started measuring (in xdist workers too)
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.collectonly:
         return

@@ -18,7 +18,7 @@ from sqlalchemy import URL, create_engine, make_url
 from sqlalchemy.pool import NullPool
 
 from dblayer.embedded import EmbeddedPostgres
-from dblayer.models import Base
+from dblayer.migrate import _upgrade
 from dblayer.settings import Driver
 
 PREFIX = "dblayer_test_"
@@ -94,21 +94,28 @@ class Databases:
             self._admin = connect(self.server.admin_url)
         return self._admin
 
-    def setup(self) -> None:
-        """Read the server version and build the template: every clone starts with the schema.
+    _template_built: bool = False
 
-        Until the Alembic chapter lands, the schema comes from the models' metadata.
-        """
+    def setup(self) -> None:
+        """Read the server version; the template is built on first use (see `clone`)."""
         self.server.read_version()
+
+    def build_template(self) -> None:
+        """Every clone starts with the schema, made by running the migrations as in production
+        (a test proves it equals the models' metadata). Done inside the first test, where
+        coverage is measuring even on xdist workers."""
+        self._template_built = True
         self._create(self.template, template="template0")
         engine = create_engine(self.url(self.template, "psycopg"), poolclass=NullPool)
         try:
             with engine.begin() as conn:
-                Base.metadata.create_all(conn)
+                _upgrade(conn, "head")
         finally:
             engine.dispose()
 
     def clone(self) -> str:
+        if not self._template_built:
+            self.build_template()
         name = f"{PREFIX}{self.run}_{next(self._counter)}"
         self._create(name, template=self.template)
         return name

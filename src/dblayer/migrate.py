@@ -1,0 +1,54 @@
+"""Run the migrations from Python: at start-up, from tests, from the pre-start script.
+
+`upgrade_to_head(engine)` runs inside the caller's event loop by handing Alembic a connection
+(`config.attributes["connection"]`), so it works where `asyncio.run()` would fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+# --8<-- [start:upgrade]
+def alembic_config() -> Config:
+    """The configuration alembic.ini describes, without needing the file (an installed package)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+async def upgrade_to_head(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the database to `revision` in one transaction, on the caller's event loop."""
+    async with engine.begin() as connection:
+        await connection.run_sync(_upgrade, revision)
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+    # --8<-- [end:upgrade]
+
+
+# --8<-- [start:revisions]
+def head_revision() -> str | None:
+    """The newest revision in the code."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at (None before the first migration)."""
+    async with engine.connect() as connection:
+        return await connection.run_sync(
+            lambda sync: MigrationContext.configure(sync).get_current_revision()
+        )
+        # --8<-- [end:revisions]

@@ -1,0 +1,156 @@
+"""The migrations: they build what the models describe, go down and up cleanly, fail cleanly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
+from sqlalchemy import URL, Connection, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dblayer.migrate import (
+    MIGRATIONS,
+    alembic_config,
+    current_revision,
+    head_revision,
+    upgrade_to_head,
+)
+from dblayer.models import Base
+
+# The catalog's view of the schema, Alembic's own bookkeeping table left out.
+SCHEMA = text(
+    """
+    SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' '
+           || is_nullable || ' ' || coalesce(column_default, '')
+      FROM information_schema.columns
+     WHERE table_schema = 'public' AND table_name <> 'alembic_version'
+    UNION ALL SELECT 'index', indexdef FROM pg_indexes
+     WHERE schemaname = 'public' AND tablename <> 'alembic_version'
+    UNION ALL SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid)
+      FROM pg_constraint
+     WHERE connamespace = 'public'::regnamespace AND conname <> 'alembic_version_pkc'
+    UNION ALL SELECT 'type', t.typname || ' '
+           || string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+      FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid GROUP BY t.typname
+    ORDER BY 1, 2
+    """
+)
+
+
+def _compare(connection: Connection) -> list[object]:
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "compare_server_default": True}
+    )
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_the_migrations_build_what_the_models_describe(engine: AsyncEngine) -> None:
+    """The drift gate: a model change without a migration fails here (as `alembic check`)."""
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_compare) == []
+
+
+async def test_the_test_databases_are_at_head(engine: AsyncEngine) -> None:
+    assert head_revision() == "0001"
+    assert await current_revision(engine) == head_revision()
+
+
+async def _schema(engine: AsyncEngine) -> list[tuple[str, str]]:
+    async with engine.connect() as conn:
+        return [(kind, item) for kind, item in (await conn.execute(SCHEMA)).all()]
+
+
+def _run(connection: Connection, action: str, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    getattr(command, action)(config, revision)
+
+
+async def test_down_to_base_and_up_again_leaves_the_same_schema(engine: AsyncEngine) -> None:
+    before = await _schema(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(_run, "downgrade", "base")
+    assert await _schema(engine) == []  # no table, index or enum type left behind
+    assert await current_revision(engine) is None
+    await upgrade_to_head(engine)
+    assert await _schema(engine) == before
+    assert await current_revision(engine) == "0001"
+
+
+def test_offline_mode_prints_the_sql(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2@db.invalid/app")
+    command.upgrade(alembic_config(), "head", sql=True)
+    sql = capsys.readouterr().out
+    assert "CREATE TYPE user_role AS ENUM ('USER', 'ADMIN', 'SUPER_ADMIN');" in sql
+    assert "CREATE TABLE users (" in sql
+    assert "hunter2" not in sql
+
+
+def test_the_command_line_path_runs_on_its_own_event_loop(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL
+) -> None:
+    """`alembic downgrade`/`upgrade` from a shell: no connection handed in, settings from env."""
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    command.downgrade(alembic_config(), "base")
+    command.upgrade(alembic_config(), "head")
+    command.check(alembic_config())  # raises when the models and the database differ
+
+
+def test_an_unreachable_database_is_one_line_naming_host_and_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:1/app")
+    with pytest.raises(CommandError) as caught:
+        command.upgrade(alembic_config(), "head")
+    assert str(caught.value) == (
+        "cannot connect to 127.0.0.1:1/app: connection refused; is the server running on that port?"
+    )
+
+
+FAILING_REVISION = '''\
+"""a revision that fails half-way"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+
+
+def upgrade() -> None:
+    op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))
+    op.execute("SELECT no_such_function()")
+
+
+def downgrade() -> None:
+    op.drop_table("half_done")
+'''
+
+
+async def test_a_failing_revision_leaves_the_previous_one(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """PostgreSQL's DDL is transactional: the half-created table goes with the rollback."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0002_fails.py").write_text(FAILING_REVISION)
+
+    def upgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.set_main_option("script_location", str(scripts))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    with pytest.raises(Exception, match="no_such_function"):
+        async with engine.begin() as conn:
+            await conn.run_sync(upgrade)
+    assert await current_revision(engine) == "0001"
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SELECT to_regclass('half_done')")) is None
