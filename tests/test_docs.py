@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,17 +295,21 @@ def test_console_block(
         "COLUMNS": "100",
         "NO_COLOR": "1",
     }
+    # The working directory looks like a checkout (alembic.ini beside src/), without a `.env`.
+    shutil.copy(ROOT / "alembic.ini", tmp_path)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     outputs = []
     for command in block.commands:
         result = subprocess.run(
             ["bash", "-c", command.line],
             env=env,
             cwd=tmp_path,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # interleaved, as a terminal shows them
             text=True,
             timeout=120,
         )
-        output = (result.stdout + result.stderr).rstrip()
+        output = result.stdout.rstrip()
         outputs.append(output)
         if request.config.getoption("update_examples"):
             continue

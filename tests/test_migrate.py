@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import URL, Connection, text
@@ -17,6 +18,7 @@ from dblayer.migrate import (
     MIGRATIONS,
     alembic_config,
     current_revision,
+    downgrade_to,
     head_revision,
     upgrade_to_head,
 )
@@ -65,16 +67,9 @@ async def _schema(engine: AsyncEngine) -> list[tuple[str, str]]:
         return [(kind, item) for kind, item in (await conn.execute(SCHEMA)).all()]
 
 
-def _run(connection: Connection, action: str, revision: str) -> None:
-    config = alembic_config()
-    config.attributes["connection"] = connection
-    getattr(command, action)(config, revision)
-
-
 async def test_down_to_base_and_up_again_leaves_the_same_schema(engine: AsyncEngine) -> None:
     before = await _schema(engine)
-    async with engine.begin() as conn:
-        await conn.run_sync(_run, "downgrade", "base")
+    await downgrade_to(engine)
     assert await _schema(engine) == []  # no table, index or enum type left behind
     assert await current_revision(engine) is None
     await upgrade_to_head(engine)
@@ -98,9 +93,10 @@ def test_the_command_line_path_runs_on_its_own_event_loop(
 ) -> None:
     """`alembic downgrade`/`upgrade` from a shell: no connection handed in, settings from env."""
     monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
-    command.downgrade(alembic_config(), "base")
-    command.upgrade(alembic_config(), "head")
-    command.check(alembic_config())  # raises when the models and the database differ
+    ini = Config(str(Path(__file__).resolve().parent.parent / "alembic.ini"))  # as `alembic` does
+    command.downgrade(ini, "base")
+    command.upgrade(ini, "head")
+    command.check(ini)  # raises when the models and the database differ
 
 
 def test_an_unreachable_database_is_one_line_naming_host_and_port(

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -32,10 +33,20 @@ async def upgrade_to_head(engine: AsyncEngine, revision: str = "head") -> None:
         await connection.run_sync(_upgrade, revision)
 
 
+async def downgrade_to(engine: AsyncEngine, revision: str = "base") -> None:
+    """Downgrade to `revision` (`base`: an empty schema), the same way."""
+    async with engine.begin() as connection:
+        await connection.run_sync(_run, command.downgrade, revision)
+
+
 def _upgrade(connection: Connection, revision: str) -> None:
+    _run(connection, command.upgrade, revision)
+
+
+def _run(connection: Connection, action: Callable[[Config, str], None], revision: str) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
-    command.upgrade(config, revision)
+    action(config, revision)
     # --8<-- [end:upgrade]
 
 

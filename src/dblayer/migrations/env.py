@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+from logging.config import fileConfig
 
 from alembic import context
 from alembic.util import CommandError
@@ -22,6 +23,8 @@ from dblayer.models import Base
 from dblayer.settings import get_settings
 
 config = context.config
+if config.config_file_name is not None:  # the `alembic` command: log as alembic.ini says
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = Base.metadata  # its naming convention names every constraint
 
 
