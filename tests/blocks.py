@@ -6,6 +6,12 @@ A fence may carry settings, each needing a `reason="…"`:
 
 * `drivers="asyncpg"` runs the block under that driver only (e.g. the asyncpg tab of a pair);
 * `test="skip"` does not run it at all (counted and listed in the run's summary).
+
+Writing blocks that pytest-examples can keep up to date (learned the hard way):
+
+* prints must run in the order they stand in the source (it inserts the outputs in that order);
+* a print that runs more than once (in a loop, in a function called twice) must print one short
+  line each time (under about 88 characters), or `make update-examples` stops being idempotent.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class Databases:
         self._create(self.template, template="template0")
         engine = create_engine(self.url(self.template, "psycopg"), poolclass=NullPool)
         try:
-            with engine.begin() as conn:
+            with engine.connect() as conn:  # Alembic manages the transactions
                 _upgrade(conn, "head")
         finally:
             engine.dispose()

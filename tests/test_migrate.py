@@ -58,7 +58,7 @@ async def test_the_migrations_build_what_the_models_describe(engine: AsyncEngine
 
 
 async def test_the_test_databases_are_at_head(engine: AsyncEngine) -> None:
-    assert head_revision() == "0001"
+    assert head_revision() == "0002"
     assert await current_revision(engine) == head_revision()
 
 
@@ -74,7 +74,39 @@ async def test_down_to_base_and_up_again_leaves_the_same_schema(engine: AsyncEng
     assert await current_revision(engine) is None
     await upgrade_to_head(engine)
     assert await _schema(engine) == before
-    assert await current_revision(engine) == "0001"
+    assert await current_revision(engine) == "0002"
+
+
+async def test_0002_backfills_in_batches_and_indexes_concurrently(engine: AsyncEngine) -> None:
+    await downgrade_to(engine, "0001")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO users (id, email, username, hashed_password)"
+                " VALUES ('00000000-0000-0000-0000-000000000001', 'a@x.org', 'a', 'x')"
+            )
+        )
+        await conn.execute(  # more rows than one batch, half of them completed
+            text(
+                "INSERT INTO tasks (id, title, user_id, status)"
+                " SELECT gen_random_uuid(), 't' || n, '00000000-0000-0000-0000-000000000001',"
+                " CASE WHEN n % 2 = 0 THEN 'COMPLETED'::task_status ELSE 'PENDING' END"
+                " FROM generate_series(1, 2500) AS n"
+            )
+        )
+    await upgrade_to_head(engine)
+    async with engine.connect() as conn:
+        counts = (
+            await conn.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE completed_at IS NOT NULL),"
+                    " count(*) FILTER (WHERE status = 'COMPLETED') FROM tasks"
+                )
+            )
+        ).one()
+        index = await conn.scalar(text("SELECT to_regclass('ix_tasks_completed_at')"))
+    assert tuple(counts) == (1250, 1250)
+    assert index == "ix_tasks_completed_at"
 
 
 def test_offline_mode_prints_the_sql(
@@ -116,8 +148,8 @@ FAILING_REVISION = '''\
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 
 
 def upgrade() -> None:
@@ -136,7 +168,7 @@ async def test_a_failing_revision_leaves_the_previous_one(
     """PostgreSQL's DDL is transactional: the half-created table goes with the rollback."""
     scripts = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_fails.py").write_text(FAILING_REVISION)
+    (scripts / "versions" / "0003_fails.py").write_text(FAILING_REVISION)
 
     def upgrade(connection: Connection) -> None:
         config = alembic_config()
@@ -145,8 +177,8 @@ async def test_a_failing_revision_leaves_the_previous_one(
         command.upgrade(config, "head")
 
     with pytest.raises(Exception, match="no_such_function"):
-        async with engine.begin() as conn:
+        async with engine.connect() as conn:
             await conn.run_sync(upgrade)
-    assert await current_revision(engine) == "0001"
+    assert await current_revision(engine) == "0002"
     async with engine.connect() as conn:
         assert await conn.scalar(text("SELECT to_regclass('half_done')")) is None

@@ -59,7 +59,13 @@ def test_constraint_names_follow_the_convention() -> None:
     }
     assert names == {
         "users": ["pk_users", "uq_users_email_live", "uq_users_username_live"],
-        "tasks": ["fk_tasks_user_id_users", "ix_tasks_status", "ix_tasks_user_id", "pk_tasks"],
+        "tasks": [
+            "fk_tasks_user_id_users",
+            "ix_tasks_completed_at",
+            "ix_tasks_status",
+            "ix_tasks_user_id",
+            "pk_tasks",
+        ],
     }
 
 

@@ -28,14 +28,18 @@ def alembic_config() -> Config:
 
 
 async def upgrade_to_head(engine: AsyncEngine, revision: str = "head") -> None:
-    """Upgrade the database to `revision` in one transaction, on the caller's event loop."""
-    async with engine.begin() as connection:
+    """Upgrade the database to `revision` on the caller's event loop.
+
+    The connection is handed over outside a transaction: Alembic runs the revisions in one of its
+    own, and a revision may step out of it (`autocommit_block()`, for CREATE INDEX CONCURRENTLY).
+    """
+    async with engine.connect() as connection:
         await connection.run_sync(_upgrade, revision)
 
 
 async def downgrade_to(engine: AsyncEngine, revision: str = "base") -> None:
     """Downgrade to `revision` (`base`: an empty schema), the same way."""
-    async with engine.begin() as connection:
+    async with engine.connect() as connection:
         await connection.run_sync(_run, command.downgrade, revision)
 
 

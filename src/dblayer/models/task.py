@@ -34,7 +34,7 @@ class Task(UUIDPrimaryKeyMixin, TimestampMixin, Base):
         server_default=TaskStatus.PENDING.name,
         index=True,
     )
-    completed_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None] = mapped_column(index=True)
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True
     )
