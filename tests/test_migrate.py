@@ -10,6 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import URL, Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -60,6 +61,27 @@ async def test_the_migrations_build_what_the_models_describe(engine: AsyncEngine
 async def test_the_test_databases_are_at_head(engine: AsyncEngine) -> None:
     assert head_revision() == "0002"
     assert await current_revision(engine) == head_revision()
+
+
+def test_single_head() -> None:
+    """Two heads (two branches off one revision) would make `upgrade head` ambiguous."""
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == [head_revision()]
+
+
+async def test_every_revision_steps_down_and_up(engine: AsyncEngine) -> None:
+    """Each revision's downgrade undoes its upgrade: step down one at a time, then up again."""
+    script = ScriptDirectory.from_config(alembic_config())
+    revisions = [r.revision for r in script.walk_revisions()]  # head first
+    schemas = {}
+    for revision in revisions:
+        schemas[revision] = await _schema(engine)
+        await downgrade_to(engine, "-1")
+    assert await current_revision(engine) is None
+    for revision in reversed(revisions):
+        await upgrade_to_head(engine, "+1")
+        assert await current_revision(engine) == revision
+        assert await _schema(engine) == schemas[revision]
 
 
 async def _schema(engine: AsyncEngine) -> list[tuple[str, str]]:
