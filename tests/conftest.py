@@ -81,19 +81,14 @@ def pytest_configure(config: pytest.Config) -> None:
     server = Server.from_environment()
     config.add_cleanup(server.stop)  # also runs after a failure or Ctrl-C
     config.stash[SERVER] = server
+    server.read_version()
     if controller:
         # xdist workers start after this hook and inherit the environment: one server for all,
-        # each worker with databases (and a template) of its own.
-        server.read_version()
+        # each worker with databases (and a template, built on first use) of its own.
         os.environ["TEST_DATABASE_URL"] = server.admin_url.render_as_string(hide_password=False)
         os.environ["DBLAYER_TEST_SERVER_ORIGIN"] = server.origin
         return
     databases = Databases(server)
-    try:
-        databases.setup()
-    except BaseException:
-        server.stop()
-        raise
     config.add_cleanup(databases.teardown)
     config.stash[DATABASES] = databases
 

@@ -18,7 +18,7 @@ from sqlalchemy import URL, create_engine, make_url
 from sqlalchemy.pool import NullPool
 
 from dblayer.embedded import EmbeddedPostgres
-from dblayer.migrate import _upgrade
+from dblayer.migrate import upgrade
 from dblayer.settings import Driver
 
 PREFIX = "dblayer_test_"
@@ -96,10 +96,6 @@ class Databases:
 
     _template_built: bool = False
 
-    def setup(self) -> None:
-        """Read the server version; the template is built on first use (see `clone`)."""
-        self.server.read_version()
-
     def build_template(self) -> None:
         """Every clone starts with the schema, made by running the migrations as in production
         (a test proves it equals the models' metadata). Done inside the first test, where
@@ -109,7 +105,7 @@ class Databases:
         engine = create_engine(self.url(self.template, "psycopg"), poolclass=NullPool)
         try:
             with engine.connect() as conn:  # Alembic manages the transactions
-                _upgrade(conn, "head")
+                upgrade(conn)
         finally:
             engine.dispose()
 

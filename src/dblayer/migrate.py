@@ -34,7 +34,7 @@ async def upgrade_to_head(engine: AsyncEngine, revision: str = "head") -> None:
     own, and a revision may step out of it (`autocommit_block()`, for CREATE INDEX CONCURRENTLY).
     """
     async with engine.connect() as connection:
-        await connection.run_sync(_upgrade, revision)
+        await connection.run_sync(upgrade, revision)
 
 
 async def downgrade_to(engine: AsyncEngine, revision: str = "base") -> None:
@@ -43,7 +43,8 @@ async def downgrade_to(engine: AsyncEngine, revision: str = "base") -> None:
         await connection.run_sync(_run, command.downgrade, revision)
 
 
-def _upgrade(connection: Connection, revision: str) -> None:
+def upgrade(connection: Connection, revision: str = "head") -> None:
+    """The synchronous core, for code that holds a plain `Connection` (outside a transaction)."""
     _run(connection, command.upgrade, revision)
 
 
