@@ -20,7 +20,14 @@ from dblayer.settings import Settings, get_settings
 
 
 class DatabaseUnavailableError(RuntimeError):
-    """The server could not be reached or refused us. One line, no password."""
+    """The server could not be reached or refused us. One line, no password.
+
+    `transient` says whether waiting could help (refused, timed out) or not (a wrong password,
+    a missing database): a start-up script retries only the first kind."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 # --8<-- [start:connect_args]
@@ -88,9 +95,14 @@ async def check_connection(engine: AsyncEngine) -> str:
         async with engine.connect() as conn:
             version = await conn.scalar(text("SHOW server_version"))
     except (DBAPIError, OSError, TimeoutError) as exc:
-        raise DatabaseUnavailableError(describe_failure(engine.url, exc)) from None
+        message = describe_failure(engine.url, exc)
+        transient = not any(cause in message for cause in _PERMANENT)
+        raise DatabaseUnavailableError(message, transient=transient) from None
     return str(version)
     # --8<-- [end:check_connection]
+
+
+_PERMANENT = ("password authentication failed", "does not exist")  # from `_cause`, below
 
 
 def describe_failure(url: URL, exc: BaseException) -> str:

@@ -1,0 +1,37 @@
+"""The application factory: `uvicorn --factory dblayer.api:create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from dblayer.api.errors import add_error_handlers
+from dblayer.api.routes import health, tasks, users
+from dblayer.engine import create_engine
+from dblayer.session import create_sessionmaker
+from dblayer.settings import Settings, get_settings
+
+
+# --8<-- [start:create_app]
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; its engine is created at start-up (from the environment unless `settings` is
+    given) and disposed at shutdown, so no connection outlives the process's event loop."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings or get_settings())
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(title="dblayer reference app", lifespan=lifespan)
+    add_error_handlers(app)
+    for module in (health, users, tasks):
+        app.include_router(module.router)
+    return app
+    # --8<-- [end:create_app]

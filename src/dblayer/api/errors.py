@@ -1,0 +1,85 @@
+"""Exceptions to HTTP answers: a client's mistake is a 4xx, an unavailable database a 503.
+
+Bodies carry a short, safe message: never SQL, bound values, a driver's text or a password.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc
+
+from dblayer.engine import DatabaseUnavailableError, describe_failure
+from dblayer.repositories import InvalidQueryError
+from dblayer.services import DuplicateError, InvalidStateError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+
+
+# --8<-- [start:handlers]
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(NotFoundError, _answer(status.HTTP_404_NOT_FOUND))
+    app.add_exception_handler(DuplicateError, _answer(status.HTTP_409_CONFLICT))
+    app.add_exception_handler(InvalidStateError, _answer(status.HTTP_409_CONFLICT))
+    app.add_exception_handler(InvalidQueryError, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
+    app.add_exception_handler(exc.TimeoutError, _unavailable)  # no pooled connection in time
+    app.add_exception_handler(DatabaseUnavailableError, _unavailable)
+    app.add_exception_handler(OSError, _unavailable)  # connection refused, reset, unreachable
+    app.add_exception_handler(exc.DBAPIError, _database_error)
+
+
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+
+
+def _answer(code: int) -> Handler:
+    async def handler(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=code)
+
+    return handler
+
+
+async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's 422, minus the `input` it echoes back: that could be the password."""
+    assert isinstance(error, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k not in {"input", "ctx"}} for e in error.errors()]
+    return JSONResponse(
+        {"detail": jsonable_encoder(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
+
+
+async def _unavailable(request: Request, error: Exception) -> JSONResponse:
+    """503 with Retry-After: the request was fine, the database was not there for it."""
+    if isinstance(error, exc.TimeoutError):
+        reason = "no database connection free in time"
+    else:
+        reason = describe_failure(request.app.state.engine.url, error)
+    logger.warning("503 for %s %s: %s", request.method, request.url.path, reason)
+    return JSONResponse(
+        {"detail": "the database is unavailable, try again shortly"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _database_error(request: Request, error: Exception) -> JSONResponse:
+    """Classify by SQLSTATE (the same for both drivers), not by the driver's exception class."""
+    assert isinstance(error, exc.DBAPIError)
+    sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
+    if error.connection_invalidated or sqlstate.startswith(("08", "57P")):
+        return await _unavailable(request, error)  # connection lost, server shutting down
+    if sqlstate.startswith("23"):  # integrity: unique, foreign key, check, not null
+        detail = "conflicts with existing data"
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_409_CONFLICT)
+    if sqlstate.startswith("22"):  # data: too long, out of range, invalid text
+        detail = "a value is not valid for the database"
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    raise error  # a bug: let it be a 500, logged with its traceback
+    # --8<-- [end:handlers]

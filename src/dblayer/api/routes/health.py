@@ -1,0 +1,39 @@
+"""Liveness and readiness: two questions for the orchestrator, answered differently."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+
+from dblayer.engine import DatabaseUnavailableError, check_connection
+from dblayer.migrate import current_revision, head_revision
+
+router = APIRouter(tags=["health"])
+
+
+# --8<-- [start:health]
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. No database call, so a database outage does not get every
+    instance restarted (which would not fix the database)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request, response: Response) -> dict[str, str | None]:
+    """Readiness: send traffic here only when the database answers and is at migration head."""
+    engine = request.app.state.engine
+    try:
+        await check_connection(engine)
+        current = await current_revision(engine)
+    except DatabaseUnavailableError:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return {"status": "database unavailable", "revision": None}
+    expected = head_revision()
+    if current != expected:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return {
+            "status": f"migrations pending: at {current}, head is {expected}",
+            "revision": current,
+        }
+    return {"status": "ready", "revision": current}
+    # --8<-- [end:health]

@@ -1,0 +1,60 @@
+"""Tasks: create, list (search, filter, sort, keyset pages), read, complete, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from dblayer.api.deps import SessionDep
+from dblayer.api.schemas import PageRead, TaskCreate, TaskRead
+from dblayer.models import Task, TaskStatus
+from dblayer.repositories import Page, TaskRepository
+from dblayer.services import TaskService
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+
+# --8<-- [start:tasks]
+@router.get("", response_model=PageRead[TaskRead])
+async def list_tasks(
+    session: SessionDep,
+    search: Annotated[str | None, Query(max_length=200)] = None,
+    status: TaskStatus | None = None,
+    sort: Annotated[str | None, Query(max_length=50)] = None,  # e.g. "-created_at"
+    limit: Annotated[int, Query(ge=1, le=TaskRepository.max_page_size)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> Page[Task]:
+    """Unknown sort fields, a page over the cap and a tampered cursor are 422s; `search` is
+    matched literally (its `%` and `_` too) as a bound parameter."""
+    tasks = TaskRepository(session)
+    filters = {"status": status} if status else None
+    if search:
+        return await tasks.search_by_title(
+            search, filters=filters, sort=sort, limit=limit, cursor=cursor
+        )
+    return await tasks.get_multi(filters=filters, sort=sort, limit=limit, cursor=cursor)
+
+
+@router.post("", status_code=201, response_model=TaskRead)
+async def create_task(body: TaskCreate, session: SessionDep) -> Task:
+    return await TaskService(session).create(
+        user_id=body.user_id, title=body.title, description=body.description
+    )
+
+
+@router.get("/{task_id}", response_model=TaskRead)
+async def get_task(task_id: uuid.UUID, session: SessionDep) -> Task:
+    return await TaskService(session).get(task_id)
+
+
+@router.post("/{task_id}/complete", response_model=TaskRead)
+async def complete_task(task_id: uuid.UUID, session: SessionDep) -> Task:
+    return await TaskService(session).mark_completed(task_id)
+
+
+@router.post("/{task_id}/cancel", response_model=TaskRead)
+async def cancel_task(task_id: uuid.UUID, session: SessionDep) -> Task:
+    return await TaskService(session).cancel(task_id)
+    # --8<-- [end:tasks]

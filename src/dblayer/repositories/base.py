@@ -1,0 +1,323 @@
+"""A generic async repository: the queries of one model, behind a small typed API.
+
+A repository never commits: it adds, flushes and queries inside the caller's transaction (see
+`dblayer.session.session_scope`), so a service can combine several calls into one unit of work.
+What a client may sort and filter by is an allow-list on the class, page sizes are capped, and
+every value a client sends travels as a bound parameter, never as SQL text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar, Generic, TypeVar, cast
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+from dblayer.models import Base, SoftDeleteMixin
+
+ModelT = TypeVar("ModelT", bound=Base)
+
+
+class InvalidQueryError(ValueError):
+    """A list request the repository refuses (unknown field, page too large, bad cursor).
+
+    Raised before any SQL runs; the API answers it with 422."""
+
+
+# --8<-- [start:page]
+@dataclass(frozen=True)
+class Page(Generic[ModelT]):
+    """One page of rows. Pass `next_cursor` back as `cursor=` for the next; None on the last."""
+
+    items: list[ModelT]
+    next_cursor: str | None
+    # --8<-- [end:page]
+
+
+# --8<-- [start:repository]
+class Repository(Generic[ModelT]):
+    """CRUD, pagination and bulk operations for `model`. Subclasses set the allow-lists."""
+
+    model: ClassVar[type[Base]]
+    sortable: ClassVar[tuple[str, ...]] = ("created_at",)  # NOT NULL columns (keyset needs it)
+    filterable: ClassVar[tuple[str, ...]] = ()
+    default_sort: ClassVar[str] = "created_at"  # "-created_at" sorts newest first
+    max_page_size: ClassVar[int] = 100
+    copy_threshold: ClassVar[int] = 1000  # bulk_create switches to COPY from this many rows
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        # --8<-- [end:repository]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a nullable sort column when the class is defined, not on a reader's request:
+        keyset pagination compares (value, id) pairs, and NULL compares to nothing."""
+        super().__init_subclass__(**kwargs)
+        for name in cls.sortable:
+            if _column(cls.model, name).nullable:
+                raise TypeError(f"{cls.__name__}.sortable: {name!r} is nullable")
+
+    # --8<-- [start:crud]
+    async def get(self, id: uuid.UUID) -> ModelT | None:
+        """The row with this primary key, or None (soft-deleted rows count as absent)."""
+        found: ModelT | None = await self.session.scalar(self._select().where(self._pk == id))
+        return found
+
+    async def create(self, **values: Any) -> ModelT:
+        """Add a row and flush it, so database defaults and constraint errors arrive now."""
+        obj: ModelT = self.model(**values)  # type: ignore[assignment]
+        self.session.add(obj)
+        await self.session.flush()
+        return obj
+
+    async def update(self, obj: ModelT, **values: Any) -> ModelT:
+        """Set column attributes and flush (`updated_at` is set by the database)."""
+        for name, value in values.items():
+            _column(self.model, name)  # only mapped columns, by name
+            setattr(obj, name, value)
+        await self.session.flush()
+        return obj
+
+    async def delete(self, id: uuid.UUID) -> bool:
+        """Delete (or soft-delete) the row; False when there was none."""
+        obj = await self.get(id)
+        if obj is None:
+            return False
+        if isinstance(obj, SoftDeleteMixin):
+            obj.soft_delete()
+        else:
+            await self.session.delete(obj)
+        await self.session.flush()
+        return True
+        # --8<-- [end:crud]
+
+    async def count(
+        self, filters: Mapping[str, object] | None = None, where: Sequence[ColumnElement[bool]] = ()
+    ) -> int:
+        """How many rows match (without loading them)."""
+        statement = select(func.count()).select_from(self.model)
+        statement = statement.where(*self._conditions(filters), *where)
+        total = await self.session.scalar(statement)
+        return int(total or 0)
+
+    async def exists(self, id: uuid.UUID) -> bool:
+        """Whether a (live) row with this key exists: one indexed lookup, nothing loaded."""
+        found = await self.session.scalar(select(self._pk).where(self._pk == id).limit(1))
+        return found is not None
+
+    # --8<-- [start:get_multi]
+    async def get_multi(
+        self,
+        *,
+        filters: Mapping[str, object] | None = None,
+        sort: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        cursor: str | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> Page[ModelT]:
+        """A page of rows: `filters` and `sort` from the allow-lists, at most `max_page_size`.
+
+        `sort` is a field name, `-name` for descending; ties are broken by the primary key, so
+        the order is total. Page with `offset`, or better with `cursor` (keyset pagination):
+        the next page starts after the last row seen, with an index range scan, and rows
+        inserted meanwhile never shift a page. `where` is for conditions a subclass builds.
+        """
+        if not 1 <= limit <= self.max_page_size:
+            raise InvalidQueryError(f"limit must be between 1 and {self.max_page_size}")
+        if offset < 0 or (offset and cursor):
+            raise InvalidQueryError("offset must be >= 0, and not combined with a cursor")
+        sort = sort or self.default_sort
+        descending = sort.startswith("-")
+        field = sort.removeprefix("-")
+        if field not in self.sortable:
+            raise InvalidQueryError(
+                f"cannot sort by {field!r}; allowed: {', '.join(self.sortable)}"
+            )
+        key = _column(self.model, field)
+        pair = tuple_(key, self._pk)
+        statement = self._select().where(*self._conditions(filters), *where)
+        if cursor is not None:
+            value, id = _decode_cursor(cursor, sort, self.model, field)
+            after = tuple_(literal(value, key.type), literal(id, self._pk.type))
+            statement = statement.where(pair < after if descending else pair > after)
+        order = (key.desc(), self._pk.desc()) if descending else (key.asc(), self._pk.asc())
+        statement = statement.order_by(*order).offset(offset).limit(limit + 1)
+        rows: list[ModelT] = list(await self.session.scalars(statement))
+        items, more = rows[:limit], len(rows) > limit
+        last = items[-1] if more else None
+        next_cursor = _encode_cursor(sort, *_values(last, field, "id")) if last else None
+        return Page(items, next_cursor)
+        # --8<-- [end:get_multi]
+
+    # --8<-- [start:bulk]
+    async def bulk_create(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Insert many rows in this transaction; returns how many. Python-side defaults (the
+        UUIDv7 key) are filled in; from `copy_threshold` rows on, they go through COPY."""
+        if not rows:
+            return 0
+        if len(rows) < self.copy_threshold:
+            await self.session.execute(insert(self.model), list(rows))  # one multi-row INSERT
+        else:
+            await _copy(await self.session.connection(), self.model, rows)
+        return len(rows)
+
+    async def bulk_update(self, ids: Sequence[uuid.UUID], **values: Any) -> int:
+        """Set the same values on many rows in one UPDATE; returns how many rows changed."""
+        for name in values:
+            _column(self.model, name)
+        statement = update(self.model).where(self._pk.in_(ids), *self._live()).values(**values)
+        result = await self.session.execute(statement.execution_options(synchronize_session=False))
+        return cast("CursorResult[Any]", result).rowcount
+
+    async def bulk_delete(self, ids: Sequence[uuid.UUID]) -> int:
+        """Delete (or soft-delete) many rows in one statement; returns how many."""
+        if issubclass(self.model, SoftDeleteMixin):
+            return await self.bulk_update(ids, is_deleted=True, deleted_at=func.now())
+        statement = delete(self.model).where(self._pk.in_(ids))
+        result = await self.session.execute(statement.execution_options(synchronize_session=False))
+        return cast("CursorResult[Any]", result).rowcount
+        # --8<-- [end:bulk]
+
+    @property
+    def _pk(self) -> InstrumentedAttribute[Any]:
+        return _column(self.model, "id")  # every model has the UUIDv7 key of the mixin
+
+    def _select(self) -> Select[ModelT]:
+        return select(self.model)
+
+    def _live(self) -> list[ColumnElement[bool]]:
+        """UPDATE and DELETE are not filtered by the soft-delete hook (only SELECTs are)."""
+        if issubclass(self.model, SoftDeleteMixin):
+            return [_column(self.model, "is_deleted").is_(False)]
+        return []
+
+    def _conditions(self, filters: Mapping[str, object] | None) -> list[ColumnElement[bool]]:
+        """`field == value` for allow-listed fields, each value checked against its type."""
+        conditions = []
+        for name, value in (filters or {}).items():
+            if name not in self.filterable:
+                raise InvalidQueryError(
+                    f"cannot filter by {name!r}; allowed: {', '.join(self.filterable) or 'none'}"
+                )
+            column = _column(self.model, name)
+            try:
+                checked = _adapter(column.type.python_type).validate_python(value)
+            except ValidationError:
+                raise InvalidQueryError(f"invalid value for {name!r}") from None
+            conditions.append(column == checked)
+        return conditions
+
+
+def _column(model: type[Base], name: str) -> InstrumentedAttribute[Any]:
+    """The mapped column attribute `name` of `model`; ValueError for anything else."""
+    attribute = model.__mapper__.column_attrs.get(name)
+    if attribute is None:
+        raise ValueError(f"{model.__name__} has no column {name!r}")
+    column: InstrumentedAttribute[Any] = getattr(model, name)
+    return column
+
+
+def _values(obj: Base, *names: str) -> list[Any]:
+    return [getattr(obj, name) for name in names]
+
+
+@cache
+def _adapter(python_type: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(python_type)
+
+
+# --8<-- [start:cursor]
+def _encode_cursor(sort: str, value: object, id: uuid.UUID) -> str:
+    """An opaque, URL-safe token: the sort it belongs to and the last row's (value, id)."""
+    kind: Any = type(value)
+    payload = [sort, _adapter(kind).dump_python(value, mode="json"), str(id)]
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, sort: str, model: type[Base], field: str) -> tuple[Any, Any]:
+    """The (value, id) pair, typed and checked; a tampered or foreign cursor is refused."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        cursor_sort, value, id = json.loads(raw)
+        if cursor_sort != sort:
+            raise InvalidQueryError("this cursor belongs to another sort order")
+        python_type = _column(model, field).type.python_type
+        return _adapter(python_type).validate_python(value), uuid.UUID(id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
+        if isinstance(exc, InvalidQueryError):
+            raise
+        raise InvalidQueryError("invalid cursor") from None
+    # --8<-- [end:cursor]
+
+
+# --8<-- [start:copy]
+async def _copy(
+    connection: AsyncConnection, model: type[Base], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """COPY the rows into the model's table, on the session's connection and transaction.
+
+    Columns are those the rows name plus those with a Python-side default (filled in here, as
+    the ORM would); each value goes through the column type's bind processor (enum -> name).
+    """
+    table: Table = model.__table__  # type: ignore[assignment]
+    names = set().union(*rows)
+    unknown = names - set(table.columns.keys())
+    if unknown:
+        raise ValueError(f"{model.__name__} has no column(s) {sorted(unknown)}")
+    columns = [c for c in table.columns if c.key in names or c.default is not None]
+    dialect = connection.dialect
+    processors = [c.type.bind_processor(dialect) for c in columns]
+    records: list[tuple[Any, ...]] = []
+    for row in rows:
+        record = []
+        for column, process in zip(columns, processors, strict=True):
+            if column.key in row:
+                value = row[column.key]
+            else:
+                default: Any = column.default
+                value = default.arg(None) if default.is_callable else default.arg
+            record.append(process(value) if process else value)
+        records.append(tuple(record))
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if dialect.driver == "asyncpg":
+        if not driver.is_in_transaction():
+            # asyncpg has no implicit transaction: SQLAlchemy sends BEGIN with its first statement.
+            # Let it, so the COPY belongs to the caller's transaction and rolls back with it.
+            await connection.execute(select(1))
+        await driver.copy_records_to_table(
+            table.name, records=records, columns=[c.name for c in columns], schema_name=table.schema
+        )
+        return
+    from psycopg import sql
+
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(*filter(None, [table.schema, table.name])),
+        sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
+    )
+    async with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for values in records:
+            await copy.write_row(values)
+    # --8<-- [end:copy]

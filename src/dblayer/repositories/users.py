@@ -1,0 +1,56 @@
+"""Queries about users."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from dblayer.models import Task, User
+from dblayer.repositories.base import Repository
+
+
+# --8<-- [start:users]
+class UserRepository(Repository[User]):
+    model = User
+    sortable = ("created_at", "username", "email")
+    filterable = ("is_active", "role")
+
+    async def get_by_username(self, username: str) -> User | None:
+        found: User | None = await self.session.scalar(
+            select(User).where(User.username == username)
+        )
+        return found
+
+    async def get_by_email(self, email: str) -> User | None:
+        """Emails are stored lower-cased (`UserService` does it), so compare lower-cased."""
+        found: User | None = await self.session.scalar(
+            select(User).where(User.email == email.lower())
+        )
+        return found
+
+    async def username_exists(self, username: str) -> bool:
+        found = await self.session.scalar(select(User.id).where(User.username == username).limit(1))
+        return found is not None
+
+    async def get_user_with_tasks(self, id: uuid.UUID) -> User | None:
+        """The user and all their tasks in two queries (no lazy load later, which async forbids)."""
+        found: User | None = await self.session.scalar(
+            select(User).where(User.id == id).options(selectinload(User.tasks))
+        )
+        return found
+
+    async def get_users_with_task_counts(self) -> Sequence[tuple[User, int]]:
+        """Every live user with how many tasks they have (zero included), in one query."""
+        count = func.count(Task.id)
+        statement = (
+            select(User, count)
+            .outerjoin(User.tasks)
+            .group_by(User.id)
+            .order_by(User.created_at, User.id)
+        )
+        rows = await self.session.execute(statement)
+        return [(user, tasks) for user, tasks in rows.tuples()]
+        # --8<-- [end:users]
