@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from dblayer.engine import create_engine
+from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
 from tests import verified
 from tests.blocks import apply_console_updates, expected_docs_tests
@@ -200,3 +201,9 @@ async def engine(database_url: URL) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(settings)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """The canonical session factory (`dblayer.session.create_sessionmaker`) on this test's engine."""
+    return create_sessionmaker(engine)

@@ -188,7 +188,9 @@ class Repository(Generic[ModelT]):
         for name in values:
             _column(self.model, name)
         statement = update(self.model).where(self._pk.in_(ids), *self._live()).values(**values)
-        result = await self.session.execute(statement.execution_options(synchronize_session=False))
+        # The default synchronize_session ("auto") also updates the objects this session holds,
+        # so nothing read afterwards (a page's cursor, say) sees a stale value.
+        result = await self.session.execute(statement)
         return cast("CursorResult[Any]", result).rowcount
 
     async def bulk_delete(self, ids: Sequence[uuid.UUID]) -> int:
@@ -196,7 +198,7 @@ class Repository(Generic[ModelT]):
         if issubclass(self.model, SoftDeleteMixin):
             return await self.bulk_update(ids, is_deleted=True, deleted_at=func.now())
         statement = delete(self.model).where(self._pk.in_(ids))
-        result = await self.session.execute(statement.execution_options(synchronize_session=False))
+        result = await self.session.execute(statement)
         return cast("CursorResult[Any]", result).rowcount
         # --8<-- [end:bulk]
 

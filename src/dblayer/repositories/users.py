@@ -52,5 +52,5 @@ class UserRepository(Repository[User]):
             .order_by(User.created_at, User.id)
         )
         rows = await self.session.execute(statement)
-        return [(user, tasks) for user, tasks in rows.tuples()]
+        return [(user, tasks) for user, tasks in rows]
         # --8<-- [end:users]
