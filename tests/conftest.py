@@ -205,5 +205,5 @@ async def engine(database_url: URL) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """The canonical session factory (`dblayer.session.create_sessionmaker`) on this test's engine."""
+    """The canonical session factory (`create_sessionmaker`) on this test's engine."""
     return create_sessionmaker(engine)

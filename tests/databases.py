@@ -109,11 +109,12 @@ class Databases:
         finally:
             engine.dispose()
 
-    def clone(self) -> str:
-        if not self._template_built:
+    def clone(self, *, empty: bool = False) -> str:
+        """A new database: a copy of the migrated template, or `empty` (no schema at all)."""
+        if not empty and not self._template_built:
             self.build_template()
         name = f"{PREFIX}{self.run}_{next(self._counter)}"
-        self._create(name, template=self.template)
+        self._create(name, template="template0" if empty else self.template)
         return name
 
     def url(self, database: str, driver: Driver) -> URL:

@@ -190,7 +190,7 @@ async def test_search_matches_wildcards_literally(session: AsyncSession) -> None
 async def test_task_queries(session: AsyncSession) -> None:
     tasks = TaskRepository(session)
     ada, bob = await make_user(session, "ada"), await make_user(session, "bob")
-    a1, a2, a3 = await make_tasks(session, ada, ["a1", "a2", "a3"])
+    a1, a2, _ = await make_tasks(session, ada, ["a1", "a2", "a3"])
     (b1,) = await make_tasks(session, bob, ["b1"])
     await tasks.update(a1, status=TaskStatus.COMPLETED)
     await tasks.update(a2, status=TaskStatus.IN_PROGRESS)

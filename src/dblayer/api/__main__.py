@@ -29,7 +29,10 @@ def database() -> Iterator[str]:
     with EmbeddedPostgres(find_binaries()) as server:
         url = server.url("postgres", settings.database_driver)
         os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
-        yield f"embedded PostgreSQL {server.binaries.version}, removed when the app stops"
+        try:
+            yield f"embedded PostgreSQL {server.binaries.version}, removed when the app stops"
+        finally:
+            del os.environ["DATABASE_URL"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,12 +73,15 @@ async def _database_error(request: Request, error: Exception) -> JSONResponse:
     """Classify by SQLSTATE (the same for both drivers), not by the driver's exception class."""
     assert isinstance(error, exc.DBAPIError)
     sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
-    if error.connection_invalidated or sqlstate.startswith(("08", "57P")):
-        return await _unavailable(request, error)  # connection lost, server shutting down
+    lost = error.connection_invalidated or sqlstate.startswith(("08", "57P"))
+    # No SQLSTATE on an operational error: the driver failed to connect, the server said nothing.
+    unreachable = not sqlstate and isinstance(error, exc.OperationalError | exc.InterfaceError)
+    if lost or unreachable:
+        return await _unavailable(request, error)
     if sqlstate.startswith("23"):  # integrity: unique, foreign key, check, not null
         detail = "conflicts with existing data"
         return JSONResponse({"detail": detail}, status_code=status.HTTP_409_CONFLICT)
-    if sqlstate.startswith("22"):  # data: too long, out of range, invalid text
+    if sqlstate.startswith("22") or isinstance(error, exc.DataError):  # too long, bad text…
         detail = "a value is not valid for the database"
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
     raise error  # a bug: let it be a 500, logged with its traceback

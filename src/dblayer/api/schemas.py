@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, SecretStr
 from dblayer.models import TaskStatus, UserRole
 
 ItemT = TypeVar("ItemT")
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: a 422 here, not a driver error later
 
 
 # --8<-- [start:schemas]
@@ -18,7 +19,7 @@ class UserCreate(BaseModel):
     email: EmailStr
     username: Annotated[str, Field(min_length=3, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")]
     password: Annotated[SecretStr, Field(min_length=8, max_length=128)]  # never echoed back
-    full_name: Annotated[str | None, Field(max_length=200)] = None
+    full_name: Annotated[str | None, Field(max_length=200, pattern=NO_NUL)] = None
 
 
 class UserRead(BaseModel):
@@ -35,8 +36,8 @@ class UserRead(BaseModel):
 
 class TaskCreate(BaseModel):
     user_id: uuid.UUID
-    title: Annotated[str, Field(min_length=1, max_length=200)]
-    description: Annotated[str | None, Field(max_length=10_000)] = None
+    title: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+    description: Annotated[str | None, Field(max_length=10_000, pattern=NO_NUL)] = None
 
 
 class TaskRead(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from dblayer.api.deps import SessionDep
-from dblayer.api.schemas import PageRead, TaskCreate, TaskRead
+from dblayer.api.schemas import NO_NUL, PageRead, TaskCreate, TaskRead
 from dblayer.models import Task, TaskStatus
 from dblayer.repositories import Page, TaskRepository
 from dblayer.services import TaskService
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/tasks", tags=["tasks"])
 @router.get("", response_model=PageRead[TaskRead])
 async def list_tasks(
     session: SessionDep,
-    search: Annotated[str | None, Query(max_length=200)] = None,
+    search: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     status: TaskStatus | None = None,
     sort: Annotated[str | None, Query(max_length=50)] = None,  # e.g. "-created_at"
     limit: Annotated[int, Query(ge=1, le=TaskRepository.max_page_size)] = 50,

@@ -1,0 +1,257 @@
+"""The API in-process (httpx on the ASGI app and its lifespan): statuses, bodies, commit timing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from sqlalchemy import URL, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dblayer.api import create_app, get_session
+from dblayer.migrate import downgrade_to
+from dblayer.models import User
+from dblayer.settings import Settings, get_settings
+
+HOSTILE = ["'; DROP TABLE tasks; --", "%' OR '1'='1", "_", "\\", "x\x00y", "title)--", "\u202e"]
+
+
+def settings_for(url: URL, **values: object) -> Settings:
+    return get_settings(database_url=url.render_as_string(hide_password=False), **values)
+
+
+async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        # As a server would: an error after the response was sent is logged, not re-raised here.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            yield client
+
+
+@pytest.fixture
+def app(database_url: URL) -> FastAPI:
+    return create_app(settings_for(database_url))
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in client_for(app):
+        yield client
+
+
+async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, Any]:
+    response = await client.post(
+        "/users",
+        json={"email": f"{name}@example.com", "username": name, "password": "correct horse"},
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_health_and_ready(client: httpx.AsyncClient, app: FastAPI) -> None:
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    ready = await client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "revision": "0002"}
+    await downgrade_to(app.state.engine, "0001")
+    ready = await client.get("/ready")
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "migrations pending: at 0001, head is 0002"
+
+
+async def test_users(client: httpx.AsyncClient) -> None:
+    ada = await new_user(client)
+    assert set(ada) == {"id", "email", "username", "full_name", "is_active", "role", "created_at"}
+    assert (await client.get(f"/users/{ada['id']}")).json() == ada
+    missing = await client.get(f"/users/{uuid.uuid4()}")
+    assert missing.status_code == 404
+    assert missing.json()["detail"].endswith("not found")
+    duplicate = await client.post(
+        "/users",
+        json={"email": "ADA@example.com", "username": "ada2", "password": "correct horse"},
+    )
+    assert (duplicate.status_code, duplicate.json()) == (409, {"detail": "email is already taken"})
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": "not-an-email", "username": "bob", "password": "correct horse"}, "email"),
+        ({"email": "b@example.com", "username": "b", "password": "correct horse"}, "username"),
+        ({"email": "b@example.com", "username": "x'; --", "password": "correct horse"}, "username"),
+        ({"email": "b@example.com", "username": "bob", "password": "hunter2"}, "password"),
+        ({"email": "b@example.com", "username": "bob"}, "password"),
+    ],
+)
+async def test_invalid_bodies_are_422_and_never_echo_the_password(
+    client: httpx.AsyncClient, body: dict[str, str], field: str
+) -> None:
+    response = await client.post("/users", json=body)
+    assert response.status_code == 422
+    assert [error["loc"][-1] for error in response.json()["detail"]] == [field]
+    assert "hunter2" not in response.text
+    assert "input" not in response.text
+
+
+async def test_tasks_lifecycle(client: httpx.AsyncClient) -> None:
+    ada = await new_user(client)
+    created = await client.post("/tasks", json={"user_id": ada["id"], "title": "write"})
+    assert created.status_code == 201
+    task = created.json()
+    assert task["status"] == "pending"
+    assert (await client.get(f"/tasks/{task['id']}")).json() == task
+    done = await client.post(f"/tasks/{task['id']}/complete")
+    assert done.json()["status"] == "completed"
+    assert done.json()["completed_at"] is not None
+    refused = await client.post(f"/tasks/{task['id']}/cancel")
+    assert (refused.status_code, refused.json()) == (
+        409,
+        {"detail": "a completed task cannot be cancelled"},
+    )
+    other = (await client.post("/tasks", json={"user_id": ada["id"], "title": "drop"})).json()
+    assert (await client.post(f"/tasks/{other['id']}/cancel")).json()["status"] == "cancelled"
+    assert (await client.post(f"/tasks/{other['id']}/complete")).status_code == 409
+    orphan = await client.post("/tasks", json={"user_id": str(uuid.uuid4()), "title": "t"})
+    assert orphan.status_code == 404
+    assert (await client.get("/tasks/not-a-uuid")).status_code == 422
+    assert (await client.get(f"/tasks/{uuid.uuid4()}")).status_code == 404
+
+
+async def test_list_search_sort_and_keyset_pages(client: httpx.AsyncClient) -> None:
+    ada = await new_user(client)
+    for title in ["b 100%", "a 1000", "c_x", "d"]:
+        await client.post("/tasks", json={"user_id": ada["id"], "title": title})
+    titles: list[str] = []
+    cursor = None
+    while True:
+        params = {"sort": "-title", "limit": "3"} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get("/tasks", params=params)).json()
+        titles += [t["title"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert titles == ["d", "c_x", "b 100%", "a 1000"]
+    found = await client.get("/tasks", params={"search": "100%"})
+    assert [t["title"] for t in found.json()["items"]] == ["b 100%"]
+    pending = await client.get("/tasks", params={"status": "pending", "search": "_"})
+    assert [t["title"] for t in pending.json()["items"]] == ["c_x"]
+    assert (await client.get("/tasks", params={"status": "completed"})).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "detail"),
+    [
+        ({"limit": "101"}, "less than or equal to 100"),
+        ({"limit": "0"}, "greater than or equal to 1"),
+        ({"sort": "hashed_password"}, "cannot sort by 'hashed_password'"),
+        ({"sort": "title; DROP TABLE tasks"}, "cannot sort by"),
+        ({"status": "pending' OR '1'='1"}, "Input should be"),
+        ({"cursor": "garbage"}, "invalid cursor"),
+        ({"search": "x" * 201}, "at most 200 characters"),
+    ],
+)
+async def test_bad_list_parameters_are_422(
+    client: httpx.AsyncClient, params: dict[str, str], detail: str
+) -> None:
+    response = await client.get("/tasks", params=params)
+    assert response.status_code == 422
+    assert detail in response.text
+
+
+async def test_hostile_strings_are_data(client: httpx.AsyncClient, app: FastAPI) -> None:
+    ada = await new_user(client)
+    for title in HOSTILE:
+        created = await client.post("/tasks", json={"user_id": ada["id"], "title": title})
+        assert created.status_code in {201, 422}, created.text  # NUL bytes: refused, not a 500
+    for term in HOSTILE:
+        response = await client.get("/tasks", params={"search": term})
+        assert response.status_code in {200, 422}, response.text
+    stored = (await client.get("/tasks", params={"limit": "100"})).json()["items"]
+    for task in stored:
+        found = await client.get("/tasks", params={"search": task["title"]})
+        assert task["title"] in [t["title"] for t in found.json()["items"]]
+    async with app.state.engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM tasks")) == len(stored)
+
+
+def reader_app(url: URL, scope: str | None, **values: object) -> FastAPI:
+    """The canonical app plus a reader's own endpoints, with the session dependency at `scope`."""
+    app = create_app(settings_for(url, **values))
+    dependency = Depends(get_session, scope=scope)  # type: ignore[arg-type]
+
+    @app.post("/users/quick", status_code=201)
+    async def quick_user(name: str, session: AsyncSession = dependency) -> dict[str, str]:
+        session.add(User(email=f"{name}@example.com", username=name, hashed_password="x"))
+        return {"created": name}  # no flush: the INSERT runs at commit
+
+    @app.get("/sql/{statement}")
+    async def run(statement: str, session: AsyncSession = dependency) -> dict[str, str]:
+        allowed = {
+            "bad-cast": "SELECT 'x'::int",
+            "kill": "SELECT pg_terminate_backend(pg_backend_pid())",
+            "missing-table": "SELECT * FROM no_such_table",
+        }
+        await session.execute(text(allowed[statement]))
+        return {}
+
+    return app
+
+
+@pytest.mark.parametrize(("scope", "expected"), [(None, 201), ("function", 409)])
+async def test_a_failing_commit_is_an_error_only_with_the_canonical_dependency(
+    database_url: URL, scope: str | None, expected: int
+) -> None:
+    app = reader_app(database_url, scope)
+    async for client in client_for(app):
+        assert (await client.post("/users/quick", params={"name": "ada"})).status_code == 201
+        again = await client.post("/users/quick", params={"name": "ada"})  # a duplicate at COMMIT
+        assert again.status_code == expected
+        async with app.state.engine.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM users")) == 1
+
+
+@pytest.mark.parametrize(
+    ("statement", "status"), [("bad-cast", 422), ("kill", 503), ("missing-table", 500)]
+)
+async def test_database_errors_by_sqlstate(database_url: URL, statement: str, status: int) -> None:
+    async for client in client_for(reader_app(database_url, "function")):
+        response = await client.get(f"/sql/{statement}")
+        assert response.status_code == status
+        assert "SELECT" not in response.text
+        if status == 503:
+            assert response.headers["retry-after"] == "5"
+
+
+async def test_database_down_is_503_with_retry_after(
+    driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"postgresql+{driver}://app:hunter2@127.0.0.1:1/app"
+    app = create_app(get_settings(database_url=url, db_connect_timeout=2))
+    async for client in client_for(app):
+        assert (await client.get("/health")).status_code == 200  # liveness needs no database
+        ready = await client.get("/ready")
+        assert (ready.status_code, ready.json()["status"]) == (503, "database unavailable")
+        for path in ("/tasks", f"/users/{uuid.uuid4()}"):
+            response = await client.get(path)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "5"
+            assert response.json() == {"detail": "the database is unavailable, try again shortly"}
+    assert "cannot connect to 127.0.0.1:1/app" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+async def test_pool_timeout_is_503(database_url: URL) -> None:
+    app = create_app(
+        settings_for(database_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.2)
+    )
+    async for client in client_for(app):
+        async with app.state.engine.connect():  # the only connection, held
+            response = await client.get("/tasks")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert (await client.get("/tasks")).status_code == 200  # and it recovers

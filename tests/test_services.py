@@ -1,0 +1,129 @@
+"""Services: password hashing, duplicates as domain errors, task state rules."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from dblayer.models import TaskStatus, User
+from dblayer.repositories import UserRepository
+from dblayer.services import (
+    DuplicateError,
+    InvalidStateError,
+    NotFoundError,
+    TaskService,
+    UserService,
+)
+from dblayer.services.users import PASSWORDS
+from dblayer.session import session_scope
+
+
+@pytest.fixture
+async def session(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    async with session_scope(sessionmaker) as session:
+        yield session
+
+
+async def register(session: AsyncSession, name: str = "ada", email: str | None = None) -> User:
+    return await UserService(session).create(
+        email=email or f"{name}@example.com", username=name, password="correct horse"
+    )
+
+
+async def test_passwords_are_hashed_with_argon2(session: AsyncSession) -> None:
+    ada = await register(session, email="  Ada@Example.COM ")
+    assert ada.email == "ada@example.com"
+    assert ada.hashed_password.startswith("$argon2id$")
+    assert "correct horse" not in ada.hashed_password
+    assert PASSWORDS.verify("correct horse", ada.hashed_password)
+    users = UserService(session)
+    assert await users.authenticate("ada", "correct horse") is ada
+    assert await users.authenticate("ada", "wrong") is None
+    assert await users.authenticate("nobody", "correct horse") is None
+    ada.is_active = False
+    assert await users.authenticate("ada", "correct horse") is None
+
+
+async def test_duplicates_are_domain_errors_and_the_transaction_survives(
+    session: AsyncSession,
+) -> None:
+    await register(session, "ada")
+    with pytest.raises(DuplicateError, match="email is already taken") as email:
+        await register(session, "other", email="ADA@example.com")
+    assert email.value.field == "email"
+    with pytest.raises(DuplicateError, match="username is already taken"):
+        await register(session, "ada", email="new@example.com")
+    await register(session, "bob")  # the session is still usable
+    assert await UserRepository(session).count() == 2
+
+
+async def test_a_race_is_settled_by_the_unique_index(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two registrations at once both pass the check; the index refuses the second, which
+    becomes a DuplicateError, rolled back to its savepoint only."""
+    barrier = asyncio.Barrier(2)
+
+    async def register_after_both_checked(name: str) -> str:
+        async with session_scope(sessionmaker) as session:
+            service = UserService(session)
+            original = service.users.username_exists
+
+            async def checked(username: str) -> bool:
+                exists = await original(username)
+                await barrier.wait()  # both checks are done before either inserts
+                return exists
+
+            service.users.username_exists = checked  # type: ignore[method-assign]
+            try:
+                await service.create(
+                    email=f"{name}@example.com", username="same", password="correct horse"
+                )
+            except DuplicateError as error:
+                return error.field
+            return "created"
+
+    results = await asyncio.gather(*(register_after_both_checked(n) for n in ("a", "b")))
+    assert sorted(results) == ["created", "username"]
+
+
+async def test_an_unexpected_integrity_error_is_not_hidden(session: AsyncSession) -> None:
+    await session.execute(text("ALTER TABLE users ADD CONSTRAINT no_bob CHECK (username <> 'bob')"))
+    with pytest.raises(IntegrityError, match="no_bob"):
+        await register(session, "bob")
+
+
+async def test_task_rules(session: AsyncSession) -> None:
+    ada = await register(session)
+    tasks = TaskService(session)
+    with pytest.raises(NotFoundError, match=r"user .* not found"):
+        await tasks.create(user_id=uuid.uuid4(), title="orphan")
+    task = await tasks.create(user_id=ada.id, title="write", description="the chapter")
+    assert task.status is TaskStatus.PENDING
+    assert task.completed_at is None
+    done = await tasks.mark_completed(task.id)
+    assert done.status is TaskStatus.COMPLETED
+    assert done.completed_at is not None
+    first = done.completed_at
+    assert (await tasks.mark_completed(task.id)).completed_at == first  # a retry changes nothing
+    with pytest.raises(InvalidStateError, match="a completed task cannot be cancelled"):
+        await tasks.cancel(task.id)
+    other = await tasks.create(user_id=ada.id, title="abandon")
+    assert (await tasks.cancel(other.id)).status is TaskStatus.CANCELLED
+    with pytest.raises(InvalidStateError, match="a cancelled task cannot be completed"):
+        await tasks.mark_completed(other.id)
+    with pytest.raises(NotFoundError, match=r"task .* not found"):
+        await tasks.get(uuid.uuid4())
+
+
+async def test_a_deleted_user_gets_no_new_tasks(session: AsyncSession) -> None:
+    ada = await register(session)
+    await UserRepository(session).delete(ada.id)
+    with pytest.raises(NotFoundError):
+        await TaskService(session).create(user_id=ada.id, title="t")
