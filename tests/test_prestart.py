@@ -17,11 +17,15 @@ from typing import Any
 
 import pytest
 from sqlalchemy import URL
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dblayer import prestart
 from dblayer.api import __main__ as serve
 from dblayer.embedded import EmbeddedPostgres, find_binaries
 from dblayer.engine import DatabaseUnavailableError, create_engine
+from dblayer.repositories import TaskRepository
+from dblayer.services import UserService
+from dblayer.session import session_scope
 from dblayer.settings import Driver, get_settings
 from tests.databases import Databases
 
@@ -221,3 +225,25 @@ def test_bad_settings_are_one_line(
     assert err.startswith("error: DATABASE_URL: unsupported 'mysql'")
     assert err.count("\n") == 1
     assert "hunter2" not in err
+
+
+async def test_seed_leaves_a_taken_demo_email_alone(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_scope(sessionmaker) as session:
+        await UserService(session).create(
+            email="demo@example.com", username="someone", password="correct horse"
+        )
+        assert await prestart.seed(session) is False
+        assert await TaskRepository(session).count() == 0
+
+
+def test_the_app_is_not_served_when_prestart_fails(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = database_url.set(password="hunter2").render_as_string(hide_password=False)
+    monkeypatch.setenv("DATABASE_URL", wrong)
+    assert serve.main(["--port", str(free_port())]) == 1
+    out, err = capsys.readouterr()
+    assert "password authentication failed" in err
+    assert "Uvicorn running" not in out + err
