@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help install docs site test update-examples lint format bench clean
+.PHONY: help install docs site test update-examples lint format bench app clean
 
 help:
 	@echo "make docs             serve the site at http://$(HOST):$(PORT) with live reload"
@@ -20,6 +20,7 @@ help:
 	@echo "make update-examples  rewrite the #> output comments in docs/ from a real run"
 	@echo "make lint             ruff and mypy only"
 	@echo "make bench            run the benchmarks; their tables go into docs/.bench/"
+	@echo "make app              pre-start, then serve the reference app at http://$(HOST):8001"
 
 install: $(STAMP)
 
@@ -60,6 +61,12 @@ format: $(STAMP)
 # Ratios from one run on this machine, not timed tests: the tables are recorded for the pages.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pooling.py
+	$(BIN)/python benchmarks/repositories.py
+
+# Against DATABASE_URL (or POSTGRES_*, or .env) when set, else an embedded PostgreSQL that lives as
+# long as the app: waits for it, migrates, seeds, then uvicorn on $(HOST):8001.
+app: $(STAMP)
+	$(BIN)/python -m dblayer.api --host $(HOST) --port 8001
 
 # Tests first (they record what they verified for the index page), then the strict site build,
 # which fails on a missing include or section.

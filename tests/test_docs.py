@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -149,8 +150,27 @@ def test_python_block(
             eval_example.lint_ruff(example)
         _ruff_format(example, eval_example, update)
     module: dict[str, object] = {"__name__": "__main__"}
-    with _interrupts_stop_the_run():
+    with _interrupts_stop_the_run(), _warnings_as_a_script_sees_them():
         _run_block(eval_example, example, module, update, driver == primary)
+
+
+@contextlib.contextmanager
+def _warnings_as_a_script_sees_them() -> Iterator[None]:
+    """A block is the reader's script: a warning is printed (here, to the captured stderr), not
+    raised as this suite's `filterwarnings = error` would. ResourceWarning stays an error: a
+    leaked connection is a defect even where Python would not show it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", ResourceWarning)
+        yield
+    for warning in caught:
+        print(
+            warnings.formatwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            ),
+            end="",
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager

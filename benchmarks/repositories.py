@@ -1,0 +1,232 @@
+"""The repository against the raw driver, in one run: get-by-id and a 50 000-row bulk insert.
+
+Run with `make bench`. Uses `DATABASE_URL` when set, else starts an embedded PostgreSQL; works in
+a scratch database it creates and drops. Writes docs/.bench/repositories.md (included by the
+repositories page) and prints it. Ratios, measured side by side, not timings to assert on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy import URL, make_url, text
+from uuid_utils.compat import uuid7
+
+from dblayer.embedded import EmbeddedPostgres, find_binaries
+from dblayer.engine import create_engine
+from dblayer.migrate import upgrade_to_head
+from dblayer.repositories import TaskRepository, UserRepository
+from dblayer.session import create_sessionmaker, session_scope
+from dblayer.settings import get_settings
+
+LOOKUPS = 2000
+ROWS = 50_000
+ROUNDS = 3  # the best of three: the least disturbed by whatever else the machine does
+DATABASE = "dblayer_bench_repositories"
+OUT = Path(__file__).resolve().parent.parent / "docs" / ".bench" / "repositories.md"
+
+
+async def best(run: Callable[[], Awaitable[float]]) -> float:
+    return min([await run() for _ in range(ROUNDS)])
+
+
+async def repository_lookups(url: URL, ids: list[uuid.UUID]) -> float:
+    """Seconds per `TaskRepository.get`, each in its own session (as one request would)."""
+    engine = create_engine(get_settings(database_url=url.render_as_string(hide_password=False)))
+    sessionmaker = create_sessionmaker(engine)
+
+    async def run() -> float:
+        async with sessionmaker() as session:
+            tasks = TaskRepository(session)
+            started = time.perf_counter()
+            for id in ids:
+                assert await tasks.get(id) is not None
+                session.expunge_all()  # each row is loaded and built anew, as in a new request
+            return (time.perf_counter() - started) / len(ids)
+
+    try:
+        await run()  # warm the pool and the statement caches
+        return await best(run)
+    finally:
+        await engine.dispose()
+
+
+async def raw_lookups(url: URL, ids: list[uuid.UUID]) -> float:
+    """Seconds per prepared asyncpg `fetchrow` of the same row, on one connection."""
+    conn = await asyncpg.connect(_dsn(url))
+    statement = await conn.prepare("SELECT * FROM tasks WHERE id = $1")
+
+    async def run() -> float:
+        started = time.perf_counter()
+        for id in ids:
+            assert await statement.fetchrow(id) is not None
+        return (time.perf_counter() - started) / len(ids)
+
+    try:
+        await run()
+        return await best(run)
+    finally:
+        await conn.close()
+
+
+async def repository_bulk(url: URL, user_id: uuid.UUID) -> float:
+    """Rows per second through `TaskRepository.bulk_create` (and its COPY), committed."""
+    engine = create_engine(get_settings(database_url=url.render_as_string(hide_password=False)))
+    sessionmaker = create_sessionmaker(engine)
+
+    async def run() -> float:
+        rows = [{"title": f"task {i}", "user_id": user_id} for i in range(ROWS)]
+        started = time.perf_counter()
+        async with session_scope(sessionmaker) as session:
+            await TaskRepository(session).bulk_create(rows)
+        elapsed = time.perf_counter() - started
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM tasks WHERE title LIKE 'task %'"))
+        return elapsed
+
+    try:
+        return ROWS / await best(run)
+    finally:
+        await engine.dispose()
+
+
+async def raw_bulk(url: URL, user_id: uuid.UUID) -> float:
+    """Rows per second through asyncpg's `copy_records_to_table`, keys made the same way."""
+    conn = await asyncpg.connect(_dsn(url))
+
+    async def run() -> float:
+        started = time.perf_counter()
+        records = [(uuid7(), f"task {i}", user_id) for i in range(ROWS)]
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "tasks", records=records, columns=["id", "title", "user_id"]
+            )
+        elapsed = time.perf_counter() - started
+        await conn.execute("DELETE FROM tasks WHERE title LIKE 'task %'")
+        return elapsed
+
+    try:
+        return ROWS / await best(run)
+    finally:
+        await conn.close()
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def _dsn(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def prepare(url: URL) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A scratch database at migration head, one user and 10 000 tasks to look up."""
+    admin = await asyncpg.connect(_dsn(url))
+    await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
+    await admin.execute(f'CREATE DATABASE "{DATABASE}"')
+    await admin.close()
+    engine = create_engine(get_settings(database_url=_dsn(url.set(database=DATABASE))))
+    await upgrade_to_head(engine)
+    async with session_scope(create_sessionmaker(engine)) as session:
+        user = await UserRepository(session).create(
+            email="bench@example.com",
+            username="bench",
+            hashed_password="unused",  # noqa: S106
+        )
+        keys = [uuid7() for _ in range(10_000)]
+        rows = [
+            {"id": key, "title": f"lookup {i}", "user_id": user.id} for i, key in enumerate(keys)
+        ]
+        await TaskRepository(session).bulk_create(rows)
+    await engine.dispose()
+    return user.id, random.Random(7).sample(keys, LOOKUPS)  # noqa: S311 - a sample, not a secret
+
+
+async def drop(url: URL) -> None:
+    admin = await asyncpg.connect(_dsn(url))
+    await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+    await admin.close()
+
+
+async def measure(url: URL) -> str:
+    user_id, ids = await prepare(url)
+    scratch = url.set(database=DATABASE)
+    try:
+        raw_get = await raw_lookups(scratch, ids)
+        raw_copy = await raw_bulk(scratch, user_id)
+        ours = {}
+        for driver in ("asyncpg", "psycopg"):
+            driven = scratch.set(drivername=f"postgresql+{driver}")
+            ours[driver] = (
+                await repository_lookups(driven, ids),
+                await repository_bulk(driven, user_id),
+            )
+        version_ = await _server_version(url)
+    finally:
+        await drop(url)
+    return table(raw_get, raw_copy, ours, version_)
+
+
+def table(
+    raw_get: float, raw_copy: float, ours: dict[str, tuple[float, float]], server: str
+) -> str:
+    get_a, copy_a = ours["asyncpg"]
+    get_p, copy_p = ours["psycopg"]
+    lines = [
+        "| measure | raw asyncpg | repository on asyncpg | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+        f"| get by id (per lookup) | {raw_get * 1e3:.3f} ms | {get_a * 1e3:.3f} ms "
+        f"| {get_a / raw_get:.2f}x the time | ≤ 2.0x | {_yes(get_a / raw_get <= 2.0)} |",
+        f"| bulk_create {ROWS:,} rows (COPY) | {raw_copy:,.0f} rows/s | {copy_a:,.0f} rows/s "
+        f"| {copy_a / raw_copy:.2f}x the throughput | ≥ 0.8x | {_yes(copy_a / raw_copy >= 0.8)} |",
+        "",
+        "| through the same repository code | asyncpg | psycopg | psycopg / asyncpg |",
+        "|---|---|---|---|",
+        f"| get by id (per lookup) | {get_a * 1e3:.3f} ms | {get_p * 1e3:.3f} ms "
+        f"| {get_p / get_a:.2f}x the time |",
+        f"| bulk_create {ROWS:,} rows | {copy_a:,.0f} rows/s | {copy_p:,.0f} rows/s "
+        f"| {copy_p / copy_a:.2f}x the throughput |",
+        "",
+        f"Best of {ROUNDS} rounds; {LOOKUPS:,} lookups of random rows among 10,000 in one session, "
+        f"emptied after each (every row built anew); PostgreSQL {server} on 127.0.0.1; "
+        f"asyncpg {version('asyncpg')}, psycopg "
+        f"{version('psycopg')}, SQLAlchemy {version('sqlalchemy')}, Python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs ({platform.machine()}). "
+        "Recorded by `make bench`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _server_version(url: URL) -> str:
+    conn = await asyncpg.connect(_dsn(url))
+    try:
+        return str(await conn.fetchval("SHOW server_version")).split()[0]
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    configured = os.environ.get("DATABASE_URL")
+    server = None if configured else EmbeddedPostgres(find_binaries()).start()
+    try:
+        url = make_url(configured) if configured else server.url()  # type: ignore[union-attr]
+        result = asyncio.run(measure(url))
+    finally:
+        if server is not None:
+            server.stop()
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(result)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
