@@ -60,8 +60,8 @@ format: $(STAMP)
 
 # Ratios from one run on this machine, not timed tests: the tables are recorded for the pages.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/pooling.py
-	$(BIN)/python benchmarks/repositories.py
+	$(BIN)/python -m benchmarks.pooling
+	$(BIN)/python -m benchmarks.repositories
 
 # Against DATABASE_URL (or POSTGRES_*, or .env) when set, else an embedded PostgreSQL that lives as
 # long as the app: waits for it, migrates, seeds, then uvicorn on $(HOST):8001.

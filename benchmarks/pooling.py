@@ -6,21 +6,18 @@ docs/.bench/pooling.md, which the pooling page includes; prints the same table.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import time
 from importlib.metadata import version
-from pathlib import Path
 
-from sqlalchemy import make_url, text
+from sqlalchemy import URL, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from dblayer.embedded import EmbeddedPostgres
+from benchmarks.recording import record
 
 QUERIES = 300
-OUT = Path(__file__).resolve().parent.parent / "docs" / ".bench" / "pooling.md"
 
 
 async def per_query(engine: AsyncEngine, queries: int) -> float:
@@ -77,20 +74,10 @@ async def server_version(url: str) -> str:
     return result.split()[0]
 
 
-def main() -> None:
-    url = os.environ.get("DATABASE_URL")
-    server = None if url else EmbeddedPostgres().start()
-    try:
-        url = url or server.url().render_as_string(hide_password=False)  # type: ignore[union-attr]
-        rows = asyncio.run(measure(url))
-        result = table(rows, asyncio.run(server_version(url)))
-    finally:
-        if server is not None:
-            server.stop()
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(result)
-    print(result)
+async def measure_and_tabulate(url: URL) -> str:
+    raw = url.render_as_string(hide_password=False)
+    return table(await measure(raw), await server_version(raw))
 
 
 if __name__ == "__main__":
-    main()
+    record(measure_and_tabulate, "pooling")

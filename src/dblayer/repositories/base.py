@@ -12,13 +12,14 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import (
+    Column,
     ColumnElement,
     Select,
     Table,
@@ -294,18 +295,8 @@ async def _copy(
         raise ValueError(f"{model.__name__} has no column(s) {sorted(unknown)}")
     columns = [c for c in table.columns if c.key in names or c.default is not None]
     dialect = connection.dialect
-    processors = [c.type.bind_processor(dialect) for c in columns]
-    records: list[tuple[Any, ...]] = []
-    for row in rows:
-        record = []
-        for column, process in zip(columns, processors, strict=True):
-            if column.key in row:
-                value = row[column.key]
-            else:
-                default: Any = column.default
-                value = default.arg(None) if default.is_callable else default.arg
-            record.append(process(value) if process else value)
-        records.append(tuple(record))
+    cells = [_cell(column, column.type.bind_processor(dialect)) for column in columns]
+    records = [tuple(cell(row) for cell in cells) for row in rows]
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
     if dialect.driver == "asyncpg":
@@ -327,3 +318,26 @@ async def _copy(
         for values in records:
             await copy.write_row(values)
     # --8<-- [end:copy]
+
+
+def _cell(
+    column: Column[Any], process: Callable[[Any], Any] | None
+) -> Callable[[Mapping[str, Any]], Any]:
+    """How to get this column's value out of a row: the row's own value, else the default (a
+    constant converted once, or a function such as uuid7 called per row), then converted."""
+    key, default = column.key, column.default
+    factory: Callable[[Any], Any] | None = None
+    constant: Any = None
+    if default is not None and default.is_callable:
+        factory = default.arg  # type: ignore[attr-defined]
+    elif default is not None:
+        constant = default.arg  # type: ignore[attr-defined]
+        constant = process(constant) if process else constant
+    convert = process or (lambda value: value)
+
+    def cell(row: Mapping[str, Any]) -> Any:
+        if key in row:
+            return convert(row[key])
+        return convert(factory(None)) if factory else constant
+
+    return cell
