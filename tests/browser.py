@@ -80,15 +80,17 @@ def build(checkout: Path, site: Path) -> None:
         raise BuildError(result.stdout + result.stderr)
 
 
+_NOT_COPIED = {".git", ".venv", "site", "test-artifacts", ".cache"}
+
+
 def copy_checkout(destination: Path) -> Path:
-    """A scratch copy of what the site build reads (pages, mkdocs.yml, included sources)."""
-    shutil.copytree(
-        ROOT,
-        destination,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "site", "test-artifacts", ".cache", ".*_cache", "__pycache__"
-        ),
-    )
+    """A scratch copy of the checkout, for the site build (pages, mkdocs.yml, included files)."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skip = {n for n in names if n == "__pycache__" or n.endswith("_cache")}
+        return skip | (_NOT_COPIED & set(names) if Path(directory) == ROOT else set())
+
+    shutil.copytree(ROOT, destination, ignore=ignore)
     return destination
 
 
@@ -134,13 +136,17 @@ def pages(site: Path, docs: Path) -> list[SitePage]:
     for html in sorted(site.rglob("index.html")):
         url = html.parent.relative_to(site).as_posix()
         url = "" if url == "." else url + "/"
-        if url.startswith(("assets/", "search/")):
-            continue
-        candidates = [docs / (url.rstrip("/") + ".md"), docs / url / "index.md"]
-        source = next((c for c in candidates if c.is_file()), None)
-        if source is None:
-            raise FileNotFoundError(f"no markdown in {docs} for the page {url!r}")
-        found.append(SitePage(url, source))
+        if not url.startswith(("assets/", "search/")):
+            found.append(SitePage(url, source(docs, url)))
+    return found
+
+
+def source(docs: Path, url: str) -> Path:
+    """The markdown a page was built from: "orm/" from orm.md or orm/index.md."""
+    candidates = [docs / (url.rstrip("/") + ".md"), docs / url / "index.md"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"no markdown in {docs} for the page {url!r}")
     return found
 
 
@@ -258,10 +264,9 @@ def check_site(
                 report.problems += [f"{page.url or '/'}: console: {m}" for m in console]
                 report.visited.append(page.url)
             _check_links(base, site, seen, report)
-            if only is None:
-                console.clear()
-                _check_search(tab, base, site, chapters(mkdocs_yml), report)
-                report.problems += [f"search: console: {m}" for m in console]
+            console.clear()
+            _check_search(tab, base, site, chapters(mkdocs_yml), report)
+            report.problems += [f"search: console: {m}" for m in console]
             context.close()
     finally:
         browser.close()

@@ -28,9 +28,11 @@ from tests.browser import (
     contrast,
     copy_checkout,
     pages,
+    source,
 )
 
 DOCS = ROOT / "docs"
+LONGEST_FIRST = True  # conftest.py starts these tests before the others
 
 
 def _unavailable(reason: str) -> None:
@@ -104,9 +106,15 @@ def test_planted_faults_are_caught(
     checkout = copy_checkout(tmp_path / "checkout")
     docs = checkout / "docs"
     nav = chapters(checkout / "mkdocs.yml")
-    sources = {url: docs / (url.rstrip("/") + ".md" if url else "index.md") for url in nav}
+    sources = {url: source(docs, url) for url in nav}
     url, page = next((u, s) for u, s in sources.items() if "```mermaid\n" in s.read_text("utf-8"))
-    other = next(s for u, s in sources.items() if u != url)
+    tabbed = next(u for u, s in sources.items() if '=== "psycopg"' in s.read_text("utf-8"))
+    other_url = next(u for u in sources if u not in (url, tabbed))
+    other = sources[other_url]
+    # Material without copy buttons and tabs, a chapter left out of the search index.
+    plant(checkout / "mkdocs.yml", "    - content.code.copy\n", "")
+    plant(checkout / "mkdocs.yml", "  - pymdownx.tabbed:\n      alternate_style: true\n", "")
+    other.write_text("---\nsearch:\n  exclude: true\n---\n\n" + other.read_text("utf-8"), "utf-8")
     plant(
         page,
         "```mermaid\n",
@@ -126,10 +134,12 @@ def test_planted_faults_are_caught(
     with pytest.raises(BuildError, match=r"no-such-page\.md"):
         build(checkout, site)
     # mkdocs writes every page before it reports what strict mode rejects: check them as built.
-    assert (site / url / "index.html").is_file()
-    report = check_site(playwright, browser_path, site, docs, checkout / "mkdocs.yml", only=[url])
+    assert (site / url / "index.html").is_file(), "mkdocs no longer writes pages before aborting"
+    report = check_site(
+        playwright, browser_path, site, docs, checkout / "mkdocs.yml", only=[url, tabbed]
+    )
     expected = {
-        "diagram syntax": rf"^{url or '/'}: console: mermaid diagram \d of /{url}: .*Parse error",
+        "diagram syntax": rf"console: mermaid diagram \d of /{url}: Parse error",
         "diagram not drawn": r"\d+ mermaid blocks, drawn: \[.*'failed'",
         "illegible in light": r"diagram \d \(default\): 'pale on pale' in rgb\(244, 244, 244\)",
         "illegible in dark": r"diagram \d \(slate\): 'pale on pale' in rgb\(244, 244, 244\)",
@@ -138,6 +148,9 @@ def test_planted_faults_are_caught(
         "missing anchor": rf"link to a missing anchor: /{re.escape(other.stem)}/#no-such-section$",
         "request off the machine": r"^a request tried to leave the machine: https://cdn\.invalid/",
         "image not loaded": r"the image https://cdn\.invalid/tracker\.png did not load",
+        "no copy buttons": r": 0 copy buttons for [1-9]\d* blocks of code$",
+        "no tabs": rf"^{tabbed}: tabs \[\], the markdown has \[.*'psycopg'",
+        "chapter not indexed": rf"^search: the chapter '{nav[other_url]}' .* is not indexed",
     }
     problems = "\n".join(report.problems)
     missed = [
@@ -147,7 +160,7 @@ def test_planted_faults_are_caught(
     unexplained = [
         p for p in report.problems if not any(re.search(e, p) for e in expected.values())
     ]
-    assert all("console:" in p for p in unexplained), unexplained  # the failed loads, logged
+    assert all("console: Failed to load resource" in p for p in unexplained), unexplained
 
 
 def test_contrast() -> None:
