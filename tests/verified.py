@@ -105,3 +105,9 @@ def sentence(entries: dict[str, dict[str, object]]) -> str:
         f"per driver, {exempt} exemption{'' if exempt == 1 else 's'} listed by the run. "
         "This sentence was written by that test run."
     )
+
+
+if (
+    __name__ == "__main__"
+):  # `python -m tests.verified`: the badge and sentence again, from the JSON
+    write(json.loads(JSON.read_text()))
