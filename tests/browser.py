@@ -185,6 +185,7 @@ class Report:
     diagrams: Counter[str] = field(default_factory=Counter)  # mermaid theme -> diagrams checked
     texts_checked: int = 0  # diagram labels whose contrast was measured
     links_checked: int = 0
+    copy_checked: bool = False
     left_the_machine: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -306,8 +307,9 @@ def _visit(
         report.problems.append(
             f"{where}: {found['copy']} copy buttons for {found['code']} blocks of code"
         )
-    elif found["copy"]:
-        _check_copy(tab, where, report)
+    elif found["copy"] and not report.copy_checked:
+        _check_copy(tab, where, report)  # once: it is the same button on every page
+        report.copy_checked = True
     # Tabs: what the markdown asks for (`=== "asyncpg"`) is what the page shows.
     wanted_tabs = Counter(re.findall(r'^ *=== "([^"]+)"', markdown, re.M))
     if Counter(found["tabs"]) != wanted_tabs:
@@ -464,10 +466,12 @@ def contrast(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 
 
 def _screenshot(tab: Page, folder: Path | None, palette: str, page: SitePage) -> None:
+    """The page as a reader first sees it (a whole page costs seconds: its diagrams are kept
+    whole, in both palettes, by `_check_legibility`)."""
     if folder is not None:
-        path = folder / palette / f"{page.slug}.jpeg"
+        path = folder / palette / f"{page.slug}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tab.screenshot(path=path, full_page=True, type="jpeg", quality=50)
+        tab.screenshot(path=path)
 
 
 def _check_links(base: str, site: Path, seen: dict[str, _Seen], report: Report) -> None:
@@ -500,7 +504,8 @@ def _static_ids(html: Path) -> set[str]:
 
 
 def _check_search(tab: Page, base: str, site: Path, nav: dict[str, str], report: Report) -> None:
-    """The search index has every chapter; searching the last chapter's title finds it."""
+    """The search index has every chapter; typing the last chapter's title in the search box
+    finds it (Material's search worker, offline)."""
     index = json.loads((site / "search" / "search_index.json").read_text("utf-8"))
     titles = {doc["location"]: doc["title"] for doc in index["docs"] if "#" not in doc["location"]}
     for url, title in nav.items():
@@ -509,8 +514,7 @@ def _check_search(tab: Page, base: str, site: Path, nav: dict[str, str], report:
     last = next(reversed(nav))
     if last not in titles:
         return
-    tab.goto(base)
-    tab.keyboard.press("/")
+    tab.keyboard.press("/")  # on the last page visited
     tab.keyboard.type(titles[last])
     try:
         tab.wait_for_function(
