@@ -46,8 +46,9 @@ mermaid_env = $(if $(wildcard $(MERMAID_JS)),MERMAID_JS=$(patsubst docs/%,%,$(ME
 docs: $(STAMP) $(MERMAID_JS)
 	$(mermaid_env) $(BIN)/mkdocs serve --dev-addr $(HOST):$(PORT) --livereload
 
+# Not --quiet: it hides the warnings (a link to a missing page) that --strict fails on.
 site: $(STAMP) $(MERMAID_JS)
-	$(mermaid_env) $(BIN)/mkdocs build --strict --quiet --site-dir site
+	$(mermaid_env) $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -70,7 +71,7 @@ app: $(STAMP)
 
 # Tests first (they record what they verified for the index page), then the strict site build,
 # which fails on a missing include or section.
-test: lint
+test: lint $(MERMAID_JS)
 	$(BIN)/python -m pytest -n auto --cov --cov-report=term-missing $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory site
 

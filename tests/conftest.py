@@ -207,3 +207,9 @@ async def engine(database_url: URL) -> AsyncIterator[AsyncEngine]:
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """The canonical session factory (`create_sessionmaker`) on this test's engine."""
     return create_sessionmaker(engine)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first (the site in a browser), so that xdist does not start one of them
+    last and leave it running alone at the end."""
+    items.sort(key=lambda item: not getattr(getattr(item, "module", None), "LONGEST_FIRST", False))

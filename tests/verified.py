@@ -2,7 +2,8 @@
 
 `docs/.verified.json` keeps one entry per PostgreSQL major version, so the embedded 16 run and CI's
 system 15 run add up; an entry made from other page contents (a different fingerprint) is dropped.
-`docs/.verified.md` is the sentence the index page includes. Neither is typed by hand.
+`docs/.verified.md` is what the index page includes: a badge (`docs/assets/verified.svg`) with the
+PostgreSQL versions and drivers, and a sentence with the rest. None of them is typed by hand.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from html import escape
 from importlib.metadata import version
 
 from tests.blocks import DOCS
 
 JSON = DOCS / ".verified.json"
 MARKDOWN = DOCS / ".verified.md"
+BADGE = DOCS / "assets" / "verified.svg"
 
 
 def fingerprint() -> str:
@@ -49,7 +52,45 @@ def record(server_version: str, blocks: int, consoles: int, exemptions: int) -> 
         "exemptions": exemptions,
     }
     JSON.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
-    MARKDOWN.write_text(sentence(entries) + "\n")
+    write(entries)
+
+
+def write(entries: dict[str, dict[str, object]]) -> None:
+    """The index page's badge and sentence, from the recorded entries."""
+    MARKDOWN.write_text(markdown(entries))
+    BADGE.parent.mkdir(exist_ok=True)
+    BADGE.write_text(badge(entries))
+
+
+def markdown(entries: dict[str, dict[str, object]]) -> str:
+    alt = escape(f"Verified on {badge_text(entries)}")
+    return f"![{alt}](assets/verified.svg)\n\n{sentence(entries)}\n"
+
+
+def badge_text(entries: dict[str, dict[str, object]]) -> str:
+    """`PostgreSQL 15.14, 16.2 · asyncpg 0.32.0 · psycopg 3.3.9`: every server, the drivers."""
+    runs = [entries[k] for k in sorted(entries, key=int)]
+    servers = ", ".join(str(run["postgresql"]) for run in runs)
+    return f"PostgreSQL {servers} · asyncpg {runs[-1]['asyncpg']} · psycopg {runs[-1]['psycopg']}"
+
+
+def badge(entries: dict[str, dict[str, object]]) -> str:
+    """A two-part SVG badge, "verified" and `badge_text`; textLength fits it in any font."""
+    label, value = "verified", escape(badge_text(entries))
+    left, right = 10 + round(6.5 * len(label)), 10 + round(6.5 * len(badge_text(entries)))
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + right}" height="20" role="img" '
+        f'aria-label="{label}: {value}">\n'
+        f"  <title>{label}: {value}</title>\n"
+        f'  <rect width="{left}" height="20" fill="#555"/>\n'
+        f'  <rect x="{left}" width="{right}" height="20" fill="#3f51b5"/>\n'
+        '  <g fill="#fff" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11" '
+        'text-anchor="middle">\n'
+        f'    <text x="{left / 2}" y="14" textLength="{left - 10}">{label}</text>\n'
+        f'    <text x="{left + right / 2}" y="14" textLength="{right - 10}">{value}</text>\n'
+        "  </g>\n"
+        "</svg>\n"
+    )
 
 
 def sentence(entries: dict[str, dict[str, object]]) -> str:
@@ -64,3 +105,9 @@ def sentence(entries: dict[str, dict[str, object]]) -> str:
         f"per driver, {exempt} exemption{'' if exempt == 1 else 's'} listed by the run. "
         "This sentence was written by that test run."
     )
+
+
+if (
+    __name__ == "__main__"
+):  # `python -m tests.verified`: the badge and sentence again, from the JSON
+    write(json.loads(JSON.read_text()))
