@@ -95,24 +95,27 @@ async def check_connection(engine: AsyncEngine) -> str:
         async with engine.connect() as conn:
             version = await conn.scalar(text("SHOW server_version"))
     except (DBAPIError, OSError, TimeoutError) as exc:
-        message = describe_failure(engine.url, exc)
-        transient = not any(cause in message for cause in _PERMANENT)
+        message, transient = _failure(engine.url, exc)
         raise DatabaseUnavailableError(message, transient=transient) from None
     return str(version)
     # --8<-- [end:check_connection]
 
 
-_PERMANENT = ("password authentication failed", "does not exist")  # from `_cause`, below
-
-
 def describe_failure(url: URL, exc: BaseException) -> str:
     """One line saying where we tried to connect and why it failed, the same for both drivers."""
+    return _failure(url, exc)[0]
+
+
+def _failure(url: URL, exc: BaseException) -> tuple[str, bool]:
+    """The one-line description, and whether waiting could help (see DatabaseUnavailableError)."""
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
-    return f"cannot connect to {where}: {_cause(url, exc)}"
+    cause, transient = _cause(url, exc)
+    return f"cannot connect to {where}: {cause}", transient
 
 
-def _cause(url: URL, exc: BaseException) -> str:
-    """Classify the driver's error; both drivers' messages are read, neither is repeated whole."""
+def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
+    """Classify the driver's error; both drivers' messages are read, neither is repeated whole.
+    A wrong password, role or database is permanent; anything else may pass (transient)."""
     original: BaseException = exc
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         original = exc.orig
@@ -121,21 +124,21 @@ def _cause(url: URL, exc: BaseException) -> str:
     message = " ".join(str(e) for e in chain if e is not None)
     lowered = message.lower()
     if "password authentication failed" in lowered:
-        return f"password authentication failed for user {url.username!r}"
+        return f"password authentication failed for user {url.username!r}", False
     if "does not exist" in lowered and "database" in lowered:
-        return f"database {url.database!r} does not exist"
+        return f"database {url.database!r} does not exist", False
     if "role" in lowered and "does not exist" in lowered:
-        return f"role {url.username!r} does not exist"
+        return f"role {url.username!r} does not exist", False
     if (
         any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain)
         or "timeout" in lowered
     ):
-        return "timed out; is the host reachable and the port open?"
+        return "timed out; is the host reachable and the port open?", True
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in lowered:
-        return "connection refused; is the server running on that port?"
+        return "connection refused; is the server running on that port?", True
     if isinstance(exc, InterfaceError | DBAPIError):
-        return _first_line(message, url)
-    return _first_line(f"{type(original).__name__}: {original}", url)
+        return _first_line(message, url), True
+    return _first_line(f"{type(original).__name__}: {original}", url), True
 
 
 def _first_line(message: str, url: URL) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
+from sqlalchemy.exc import DBAPIError
 
-from dblayer.engine import DatabaseUnavailableError, check_connection
 from dblayer.migrate import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
@@ -21,11 +21,9 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request, response: Response) -> dict[str, str | None]:
     """Readiness: send traffic here only when the database answers and is at migration head."""
-    engine = request.app.state.engine
     try:
-        await check_connection(engine)
-        current = await current_revision(engine)
-    except DatabaseUnavailableError:
+        current = await current_revision(request.app.state.engine)  # one connection, one query
+    except (DBAPIError, OSError, TimeoutError):
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "database unavailable", "revision": None}
     expected = head_revision()
