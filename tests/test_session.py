@@ -97,7 +97,11 @@ async def test_one_session_per_task(sessionmaker: async_sessionmaker[AsyncSessio
     ):
         async with session_scope(sessionmaker) as session:
             await session.execute(select(1))
-            await asyncio.gather(*(add(session, f"u{i}") for i in range(3)))
+            results = await asyncio.gather(
+                *(add(session, f"u{i}") for i in range(3)), return_exceptions=True
+            )
+            assert [type(r).__name__ for r in results] == ["NoneType", *["InvalidRequestError"] * 2]
+            raise next(r for r in results if isinstance(r, Exception))
     assert await users(sessionmaker) == 0
 
     async def own_session(name: str) -> None:
