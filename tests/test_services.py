@@ -7,6 +7,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -20,6 +22,7 @@ from dblayer.services import (
     TaskService,
     UserService,
 )
+from dblayer.services import users as users_module
 from dblayer.services.users import PASSWORDS
 from dblayer.session import session_scope
 
@@ -120,6 +123,8 @@ async def test_task_rules(session: AsyncSession) -> None:
         await tasks.mark_completed(other.id)
     with pytest.raises(NotFoundError, match=r"task .* not found"):
         await tasks.get(uuid.uuid4())
+    with pytest.raises(NotFoundError, match=r"task .* not found"):
+        await tasks.mark_completed(uuid.uuid4())
 
 
 async def test_a_deleted_user_gets_no_new_tasks(session: AsyncSession) -> None:
@@ -127,3 +132,65 @@ async def test_a_deleted_user_gets_no_new_tasks(session: AsyncSession) -> None:
     await UserRepository(session).delete(ada.id)
     with pytest.raises(NotFoundError):
         await TaskService(session).create(user_id=ada.id, title="t")
+
+
+class CountingHash(PasswordHash):
+    """The recommended hasher, counting the hashes it verifies."""
+
+    def __init__(self) -> None:
+        super().__init__((Argon2Hasher(),))
+        self.verified = 0
+
+    def verify(self, password: str | bytes, hash: str | bytes) -> bool:
+        self.verified += 1
+        return super().verify(password, hash)
+
+    def verify_and_update(
+        self, password: str | bytes, hash: str | bytes
+    ) -> tuple[bool, str | None]:
+        self.verified += 1
+        return super().verify_and_update(password, hash)
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "active"),
+    [
+        ("ada", "correct horse", True),
+        ("ada", "wrong", True),
+        ("nobody", "correct horse", True),
+        ("ada", "correct horse", False),
+    ],
+    ids=["right", "wrong-password", "unknown-user", "inactive"],
+)
+async def test_authenticate_verifies_one_hash_on_every_path(
+    session: AsyncSession,
+    monkeypatch: pytest.MonkeyPatch,
+    username: str,
+    password: str,
+    active: bool,
+) -> None:
+    """User enumeration by timing: an unknown user must cost a hash verification like a known
+    one (about 100 ms), not return at once. Counted, not timed."""
+    ada = await register(session)
+    ada.is_active = active
+    counting = CountingHash()
+    monkeypatch.setattr(users_module, "PASSWORDS", counting)
+    found = await UserService(session).authenticate(username, password)
+    assert counting.verified == 1
+    assert (found is ada) == (username == "ada" and password == "correct horse" and active)
+
+
+async def test_an_outdated_hash_is_replaced_at_login(session: AsyncSession) -> None:
+    weak = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=8192, parallelism=1),))
+    ada = await register(session)
+    ada.hashed_password = weak.hash("correct horse")
+    await session.flush()
+    users = UserService(session)
+    old = ada.hashed_password
+    assert await users.authenticate("ada", "wrong") is None
+    assert ada.hashed_password == old  # only a correct password may produce a new hash
+    assert await users.authenticate("ada", "correct horse") is ada
+    assert ada.hashed_password != old
+    assert not PASSWORDS.current_hasher.check_needs_rehash(ada.hashed_password)
+    assert PASSWORDS.verify("correct horse", ada.hashed_password)
+    assert await users.authenticate("ada", "correct horse") is ada  # no further change

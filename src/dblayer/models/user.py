@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Enum, Index, String, false, true
+from sqlalchemy import Enum, Index, String, false, func, text, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from dblayer.models.base import Base
@@ -40,7 +40,16 @@ class User(UUIDPrimaryKeyMixin, TimestampMixin, SoftDeleteMixin, Base):
     __repr_attrs__ = ("email", "username")
     __table_args__ = (
         # Unique among live rows only: a soft-deleted user's email can be registered again.
-        Index("uq_users_email_live", "email", unique=True, postgresql_where="NOT is_deleted"),
         Index("uq_users_username_live", "username", unique=True, postgresql_where="NOT is_deleted"),
     )
-    # --8<-- [end:user]
+
+
+# One address whatever its case (`Ada@x.org` is `ada@x.org`), enforced by the database for
+# every path that writes, not only the service that lower-cases (revision 0003).
+Index(
+    "uq_users_email_live",
+    func.lower(User.email),
+    unique=True,
+    postgresql_where=text("NOT is_deleted"),
+)
+# --8<-- [end:user]

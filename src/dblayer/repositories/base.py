@@ -32,7 +32,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -304,9 +305,15 @@ async def _copy(
             # asyncpg has no implicit transaction: SQLAlchemy sends BEGIN with its first statement.
             # Let it, so the COPY belongs to the caller's transaction and rolls back with it.
             await connection.execute(select(1))
-        await driver.copy_records_to_table(
-            table.name, records=records, columns=[c.name for c in columns], schema_name=table.schema
-        )
+        try:
+            await driver.copy_records_to_table(
+                table.name,
+                records=records,
+                columns=[c.name for c in columns],
+                schema_name=table.schema,
+            )
+        except Exception as error:
+            raise _as_sqlalchemy_error(dialect, raw, error, f"COPY {table.name}") from error
         return
     from psycopg import sql
 
@@ -314,10 +321,34 @@ async def _copy(
         sql.Identifier(*filter(None, [table.schema, table.name])),
         sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
     )
-    async with driver.cursor() as cursor, cursor.copy(statement) as copy:
-        for values in records:
-            await copy.write_row(values)
+    try:
+        async with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for values in records:
+                await copy.write_row(values)
+    except Exception as error:
+        raise _as_sqlalchemy_error(dialect, raw, error, f"COPY {table.name}") from error
     # --8<-- [end:copy]
+
+
+def _as_sqlalchemy_error(dialect: Dialect, raw: Any, error: Exception, statement: str) -> Exception:
+    """The driver's error as SQLAlchemy raises it for every other statement (`IntegrityError`
+    for a duplicate key, with the driver's error as `.orig`): COPY runs on the driver's own
+    connection, so nothing wrapped it, and a caller catching `IntegrityError` would miss it.
+
+    asyncpg's exceptions are first translated into the DBAPI classes SQLAlchemy's asyncpg
+    adapter defines, by the adapter's own translation (a private classmethod: no public one)."""
+    dbapi = dialect.loaded_dbapi
+    orig: Exception = error
+    if not isinstance(error, dbapi.Error):
+        try:
+            type(raw.dbapi_connection)._handle_exception_no_connection(dbapi, error)
+        except dbapi.Error as translated:
+            orig = translated
+        except Exception:  # pragma: no cover - not a database error: raise it as it is
+            return error
+    return DBAPIError.instance(
+        statement, None, orig, dbapi.Error, hide_parameters=True, dialect=dialect
+    )
 
 
 def _cell(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, select
 
 from dblayer.models import Task, TaskStatus
 from dblayer.repositories.base import Page, Repository
@@ -16,6 +16,18 @@ class TaskRepository(Repository[Task]):
     model = Task
     sortable = ("created_at", "updated_at", "title", "status")
     filterable = ("status", "user_id")
+
+    async def get_for_update(self, id: uuid.UUID) -> Task | None:
+        """The task read with its row locked (`FOR UPDATE`) until the transaction ends, and
+        reloaded even if the session holds it already (`populate_existing`): a rule checked on
+        it cannot be overtaken by another request that changes the row in the meantime."""
+        found: Task | None = await self.session.scalar(
+            select(Task)
+            .where(Task.id == id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return found
 
     async def get_by_user(
         self, user_id: uuid.UUID, *, limit: int = 50, cursor: str | None = None

@@ -25,9 +25,9 @@ class UserRepository(Repository[User]):
         return found
 
     async def get_by_email(self, email: str) -> User | None:
-        """Emails are stored lower-cased (`UserService` does it), so compare lower-cased."""
+        """Compared lower-cased, as the unique index `lower(email)` does (and so uses it)."""
         found: User | None = await self.session.scalar(
-            select(User).where(User.email == email.lower())
+            select(User).where(func.lower(User.email) == email.lower())
         )
         return found
 

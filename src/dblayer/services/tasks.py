@@ -33,10 +33,18 @@ class TaskService:
             raise NotFoundError(f"task {task_id} not found")
         return task
 
+    async def _locked(self, task_id: uuid.UUID) -> Task:
+        """The task, locked for this transaction: a concurrent change to it waits for our commit,
+        and we see the change that committed before we read (read, check, write is then safe)."""
+        task = await self.tasks.get_for_update(task_id)
+        if task is None:
+            raise NotFoundError(f"task {task_id} not found")
+        return task
+
     async def mark_completed(self, task_id: uuid.UUID) -> Task:
         """Complete a task once: `completed_at` records when. A cancelled task cannot complete;
         completing a completed task changes nothing (a retried request is harmless)."""
-        task = await self.get(task_id)
+        task = await self._locked(task_id)
         if task.status is TaskStatus.CANCELLED:
             raise InvalidStateError("a cancelled task cannot be completed")
         if task.status is TaskStatus.COMPLETED:
@@ -47,7 +55,7 @@ class TaskService:
 
     async def cancel(self, task_id: uuid.UUID) -> Task:
         """Cancel a task that is not completed yet."""
-        task = await self.get(task_id)
+        task = await self._locked(task_id)
         if task.status is TaskStatus.COMPLETED:
             raise InvalidStateError("a completed task cannot be cancelled")
         return await self.tasks.update(task, status=TaskStatus.CANCELLED)

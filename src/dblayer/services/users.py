@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+from functools import cache
 
 from pwdlib import PasswordHash
 from sqlalchemy.exc import IntegrityError
@@ -48,10 +50,31 @@ class UserService:
             raise DuplicateError(field) from None
 
     async def authenticate(self, username: str, password: str) -> User | None:
-        """The active user with this username and password, else None (same answer for both)."""
+        """The active user with this username and password, else None (same answer for both).
+
+        Every path verifies exactly one hash, so the time taken does not tell an unknown
+        username from a wrong password. A hash made with older parameters is replaced by one
+        made with today's (saved by the caller's commit)."""
         user = await self.users.get_by_username(username)
-        if user is None or not user.is_active:
+        hashed = user.hashed_password if user is not None else None
+        valid, new_hash = await asyncio.to_thread(_verify, password, hashed)
+        if user is None or not valid or not user.is_active:
             return None
-        valid = await asyncio.to_thread(PASSWORDS.verify, password, user.hashed_password)
-        return user if valid else None
-        # --8<-- [end:user_service]
+        if new_hash is not None:
+            user.hashed_password = new_hash
+        return user
+
+
+def _verify(password: str, hashed: str | None) -> tuple[bool, str | None]:
+    """pwdlib's `verify_and_update`; an unknown user is checked against a dummy hash (and fails)
+    so that it costs what a known one costs."""
+    if hashed is None:
+        PASSWORDS.verify_and_update(password, _dummy_hash())
+        return False, None
+    return PASSWORDS.verify_and_update(password, hashed)
+
+
+@cache
+def _dummy_hash() -> str:
+    return PASSWORDS.hash(secrets.token_urlsafe())
+    # --8<-- [end:user_service]
