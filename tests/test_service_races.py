@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dblayer.models import Task, TaskStatus
@@ -109,19 +109,38 @@ async def test_completing_twice_at_once_reports_one_completion_time(
         assert times == [stored.completed_at] * 2, "a caller was told a time that was replaced"
 
 
+async def _wait_for_a_lock_wait(sessionmaker: async_sessionmaker[AsyncSession]) -> str:
+    """The query of the first backend seen waiting for a lock (polled, for at most 30 s)."""
+    for _ in range(300):
+        async with sessionmaker() as session:  # a new transaction: a new statistics snapshot
+            query = await session.scalar(
+                text(
+                    "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        if query is not None:
+            return str(query)
+        await asyncio.sleep(0.1)
+    raise AssertionError("no request ever waited for the row lock")
+
+
 @pytest.mark.parametrize("second", [_complete, _cancel], ids=["then-complete", "then-cancel"])
 async def test_an_action_waits_for_a_concurrent_change_and_sees_it(
     sessionmaker: async_sessionmaker[AsyncSession], second: Action
 ) -> None:
     """Deterministic interleaving: a transaction has cancelled the task but not committed yet;
-    a second request on another session must not act on the PENDING it could still read."""
+    a second request on another session must wait at its read (not only at its write) and then
+    act on what was committed, not on the PENDING it could still have read."""
     user_id = await _user(sessionmaker)
     task_id = await _new_task(sessionmaker, user_id)
     async with session_scope(sessionmaker) as first:
         await TaskService(first).cancel(task_id)
         await first.flush()  # the row is changed and locked; not committed
         pending = asyncio.create_task(_race(sessionmaker, task_id, second))
-        await asyncio.sleep(0.3)  # the second request has read the row, or waits to
+        waiting = await _wait_for_a_lock_wait(sessionmaker)
+        assert waiting.rstrip().endswith("FOR NO KEY UPDATE"), waiting
+        assert not pending.done()
     [result] = await pending
     stored = await _stored(sessionmaker, task_id)
     assert stored.status is TaskStatus.CANCELLED
@@ -131,3 +150,23 @@ async def test_an_action_waits_for_a_concurrent_change_and_sees_it(
     else:
         assert isinstance(result, Task)
         assert result.status is TaskStatus.CANCELLED
+
+
+async def test_a_stale_object_in_the_session_is_reread_before_the_check(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    """The session already holds the task as PENDING; another request cancels and commits.
+    Without `populate_existing` the locked read would return the held object unchanged, and a
+    cancelled task would be completed."""
+    user_id = await _user(sessionmaker)
+    task_id = await _new_task(sessionmaker, user_id)
+    async with session_scope(sessionmaker) as session:
+        held = await TaskService(session).get(task_id)  # held: the identity map keeps it
+        assert held.status is TaskStatus.PENDING
+        await _race(sessionmaker, task_id, _cancel)
+        with pytest.raises(InvalidStateError):
+            await TaskService(session).mark_completed(task_id)
+        assert held.status.value == "cancelled"  # refreshed by the locked read
+    stored = await _stored(sessionmaker, task_id)
+    assert stored.status is TaskStatus.CANCELLED
+    assert stored.completed_at is None

@@ -135,11 +135,12 @@ async def test_a_deleted_user_gets_no_new_tasks(session: AsyncSession) -> None:
 
 
 class CountingHash(PasswordHash):
-    """The recommended hasher, counting the hashes it verifies."""
+    """The recommended hasher, counting the verifications and hashes it does."""
 
     def __init__(self) -> None:
         super().__init__((Argon2Hasher(),))
         self.verified = 0
+        self.hashed = 0
 
     def verify(self, password: str | bytes, hash: str | bytes) -> bool:
         self.verified += 1
@@ -151,46 +152,95 @@ class CountingHash(PasswordHash):
         self.verified += 1
         return super().verify_and_update(password, hash)
 
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        self.hashed += 1
+        return super().hash(password, salt=salt)
+
+
+WEAK = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=8192, parallelism=1),))
+
 
 @pytest.mark.parametrize(
-    ("username", "password", "active"),
+    ("username", "password", "stored", "verified"),
     [
-        ("ada", "correct horse", True),
-        ("ada", "wrong", True),
-        ("nobody", "correct horse", True),
-        ("ada", "correct horse", False),
+        ("ada", "correct horse", "current", 1),
+        ("ada", "wrong", "current", 1),
+        ("nobody", "correct horse", "current", 1),
+        ("ada", "correct horse", "inactive", 1),
+        ("ada", "wrong", "inactive", 1),
+        ("ada", "wrong", "outdated", 2),  # the cheap outdated hash, then the dummy
+        ("ada", "correct horse", "not-a-hash", 1),  # pwdlib would raise UnknownHashError
     ],
-    ids=["right", "wrong-password", "unknown-user", "inactive"],
+    ids=["right", "wrong", "unknown-user", "inactive", "inactive-wrong", "outdated", "unknown"],
 )
-async def test_authenticate_verifies_one_hash_on_every_path(
+async def test_authenticate_costs_a_full_verification_on_every_path(
     session: AsyncSession,
     monkeypatch: pytest.MonkeyPatch,
     username: str,
     password: str,
-    active: bool,
+    stored: str,
+    verified: int,
 ) -> None:
-    """User enumeration by timing: an unknown user must cost a hash verification like a known
-    one (about 100 ms), not return at once. Counted, not timed."""
+    """User enumeration by timing: an unknown user (or a deactivated one, or one with a cheaper
+    outdated hash) must cost a verification at today's parameters, about 100 ms, not return at
+    once. Counted, not timed: one full verification, and no hashing, unless a correct password
+    meets an outdated hash."""
     ada = await register(session)
-    ada.is_active = active
+    ada.is_active = stored != "inactive"
+    if stored == "outdated":
+        ada.hashed_password = WEAK.hash("correct horse")
+    elif stored == "not-a-hash":
+        ada.hashed_password = "x"
     counting = CountingHash()
     monkeypatch.setattr(users_module, "PASSWORDS", counting)
     found = await UserService(session).authenticate(username, password)
-    assert counting.verified == 1
-    assert (found is ada) == (username == "ada" and password == "correct horse" and active)
+    assert (counting.verified, counting.hashed) == (verified, 0)
+    right = username == "ada" and password == "correct horse"
+    assert (found is ada) == (right and stored == "current")
 
 
-async def test_an_outdated_hash_is_replaced_at_login(session: AsyncSession) -> None:
-    weak = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=8192, parallelism=1),))
-    ada = await register(session)
-    ada.hashed_password = weak.hash("correct horse")
-    await session.flush()
-    users = UserService(session)
-    old = ada.hashed_password
-    assert await users.authenticate("ada", "wrong") is None
-    assert ada.hashed_password == old  # only a correct password may produce a new hash
-    assert await users.authenticate("ada", "correct horse") is ada
-    assert ada.hashed_password != old
-    assert not PASSWORDS.current_hasher.check_needs_rehash(ada.hashed_password)
-    assert PASSWORDS.verify("correct horse", ada.hashed_password)
-    assert await users.authenticate("ada", "correct horse") is ada  # no further change
+def test_the_dummy_hash_has_todays_parameters() -> None:
+    """Verifying it must cost what verifying a real user's hash costs."""
+    assert PASSWORDS.current_hasher.identify(users_module.DUMMY_HASH)
+    assert not PASSWORDS.current_hasher.check_needs_rehash(users_module.DUMMY_HASH)
+
+
+async def test_an_outdated_hash_is_replaced_at_login(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_scope(sessionmaker) as session:
+        ada = await register(session)
+        ada.hashed_password = old = WEAK.hash("correct horse")
+    async with session_scope(sessionmaker) as session:
+        users = UserService(session)
+        assert await users.authenticate("ada", "wrong") is None
+    async with session_scope(sessionmaker) as session:
+        assert (await UserRepository(session).get(ada.id)).hashed_password == old  # type: ignore[union-attr]
+        assert await UserService(session).authenticate("ada", "correct horse") is not None
+    async with session_scope(sessionmaker) as session:
+        stored = (await UserRepository(session).get(ada.id)).hashed_password  # type: ignore[union-attr]
+    assert stored != old
+    assert not PASSWORDS.current_hasher.check_needs_rehash(stored)
+    assert PASSWORDS.verify("correct horse", stored)
+
+
+async def test_a_rehash_never_undoes_a_password_change_made_meanwhile(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    """The login read the old (outdated) hash; a password change committed before its rehash is
+    written. The rehash is conditional on the hash it read, so the change stays."""
+    async with session_scope(sessionmaker) as session:
+        ada = await register(session)
+        ada.hashed_password = WEAK.hash("correct horse")
+    async with session_scope(sessionmaker) as login:
+        user = await UserRepository(login).get_by_username("ada")  # read, and held
+        assert user is not None
+        async with session_scope(sessionmaker) as change:
+            changed = await UserRepository(change).get(ada.id)
+            assert changed is not None
+            changed.hashed_password = new = PASSWORDS.hash("a new password")
+        assert await UserService(login).authenticate("ada", "correct horse") is user
+    async with session_scope(sessionmaker) as session:
+        stored = await UserRepository(session).get(ada.id)
+    assert stored is not None
+    assert stored.hashed_password == new

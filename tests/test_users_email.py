@@ -141,20 +141,63 @@ async def test_the_migration_refuses_existing_case_duplicates_then_succeeds_when
     with pytest.raises(CommandError) as refused:
         await upgrade_to_head(engine)
     assert str(refused.value) == (
-        "1 email(s) are shared by live users whose addresses differ only in case; "
-        "merge or soft-delete them first, then upgrade again. Find them with: SELECT "
-        "lower(email), count(*) FROM users WHERE NOT is_deleted GROUP BY 1 HAVING count(*) > 1"
+        "emails shared by live users whose addresses differ only in case; merge or soft-delete "
+        "them, then upgrade again. Find them with: SELECT lower(email), count(*) FROM users "
+        "WHERE NOT is_deleted GROUP BY 1 HAVING count(*) > 1"
     )
     assert "Ada@" not in str(refused.value)  # no personal data in a deploy log
     assert await current_revision(engine) == "0002"
+    assert await _email_indexes(engine) == [EXACT], "the old index is gone or a new one stayed"
     async with engine.begin() as conn:
         await conn.execute(text("UPDATE users SET is_deleted = true WHERE username = 'ada2'"))
     await upgrade_to_head(engine)
     assert await current_revision(engine) == head_revision()
+    assert await _email_indexes(engine) == [LOWER]
     await downgrade_to(engine, "0002")  # and back: the case-sensitive index again
-    async with engine.begin() as conn:
-        await conn.execute(text("UPDATE users SET is_deleted = false WHERE username = 'ada2'"))
-        definition = await conn.scalar(
-            text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_users_email_live'")
+    assert await _email_indexes(engine) == [EXACT]
+
+
+EXACT = (
+    "CREATE UNIQUE INDEX uq_users_email_live ON public.users USING btree (email)"
+    " WHERE (NOT is_deleted)"
+)
+LOWER = (
+    "CREATE UNIQUE INDEX uq_users_email_live ON public.users USING btree"
+    " (lower((email)::text)) WHERE (NOT is_deleted)"
+)
+
+
+async def _email_indexes(engine: AsyncEngine) -> list[str]:
+    """Every index on users that mentions the email, valid or not."""
+    async with engine.connect() as conn:
+        rows = await conn.scalars(
+            text(
+                "SELECT pg_get_indexdef(i.indexrelid) || CASE WHEN i.indisvalid THEN ''"
+                " ELSE ' INVALID' END FROM pg_index i"
+                " WHERE i.indrelid = 'users'::regclass"
+                " AND pg_get_indexdef(i.indexrelid) LIKE '%email%' ORDER BY 1"
+            )
         )
-    assert "lower" not in str(definition)
+        return list(rows)
+
+
+async def test_the_migration_finishes_what_an_interrupted_run_left(engine: AsyncEngine) -> None:
+    """A run stopped after building its index (a deploy killed, a lock timeout on the drop), and
+    a leftover of an interrupted downgrade: the next upgrade ends with exactly the one index."""
+    await downgrade_to(engine, "0002")
+    async with engine.connect() as conn:
+        await conn.execute(
+            text(
+                "CREATE UNIQUE INDEX uq_users_email_live_exact ON users (email)"
+                " WHERE NOT is_deleted"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE UNIQUE INDEX uq_users_email_live_lower ON users (lower(email))"
+                " WHERE NOT is_deleted"
+            )
+        )
+        await conn.commit()
+    await upgrade_to_head(engine)
+    assert await _email_indexes(engine) == [LOWER]

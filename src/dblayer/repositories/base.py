@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import (
@@ -32,8 +32,15 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import CursorResult, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import (
+    DatabaseError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -313,7 +320,7 @@ async def _copy(
                 schema_name=table.schema,
             )
         except Exception as error:
-            raise _as_sqlalchemy_error(dialect, raw, error, f"COPY {table.name}") from error
+            _raise_as_sqlalchemy_error(error, f"COPY {table.name}")
         return
     from psycopg import sql
 
@@ -326,29 +333,30 @@ async def _copy(
             for values in records:
                 await copy.write_row(values)
     except Exception as error:
-        raise _as_sqlalchemy_error(dialect, raw, error, f"COPY {table.name}") from error
+        _raise_as_sqlalchemy_error(error, f"COPY {table.name}")
     # --8<-- [end:copy]
 
 
-def _as_sqlalchemy_error(dialect: Dialect, raw: Any, error: Exception, statement: str) -> Exception:
-    """The driver's error as SQLAlchemy raises it for every other statement (`IntegrityError`
-    for a duplicate key, with the driver's error as `.orig`): COPY runs on the driver's own
-    connection, so nothing wrapped it, and a caller catching `IntegrityError` would miss it.
+# SQLSTATE class -> the exception SQLAlchemy raises for it on any other statement.
+_ERRORS_BY_CLASS: dict[str, type[DBAPIError]] = {
+    "22": DataError,  # a value does not fit (too long, out of range, bad text)
+    "23": IntegrityError,  # unique, foreign key, check, not null
+    "40": OperationalError,  # serialization failure, deadlock
+    "42": ProgrammingError,  # a missing table or column
+}
 
-    asyncpg's exceptions are first translated into the DBAPI classes SQLAlchemy's asyncpg
-    adapter defines, by the adapter's own translation (a private classmethod: no public one)."""
-    dbapi = dialect.loaded_dbapi
-    orig: Exception = error
-    if not isinstance(error, dbapi.Error):
-        try:
-            type(raw.dbapi_connection)._handle_exception_no_connection(dbapi, error)
-        except dbapi.Error as translated:
-            orig = translated
-        except Exception:  # pragma: no cover - not a database error: raise it as it is
-            return error
-    return DBAPIError.instance(
-        statement, None, orig, dbapi.Error, hide_parameters=True, dialect=dialect
-    )
+
+def _raise_as_sqlalchemy_error(error: Exception, statement: str) -> NoReturn:
+    """The driver's error as SQLAlchemy raises it for every other statement (`IntegrityError`
+    for a duplicate key, the driver's error as `.orig`, its SQLSTATE as `.orig.sqlstate`).
+    COPY runs on the driver's own connection, so nothing wrapped it, and a caller catching
+    `IntegrityError` would have missed it. Classified by SQLSTATE, the same for both drivers;
+    an error without one (not from the server) is raised as it is."""
+    sqlstate = getattr(error, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        raise error
+    kind = _ERRORS_BY_CLASS.get(sqlstate[:2], DatabaseError)
+    raise kind(statement, None, error, hide_parameters=True) from error
 
 
 def _cell(

@@ -18,13 +18,14 @@ class TaskRepository(Repository[Task]):
     filterable = ("status", "user_id")
 
     async def get_for_update(self, id: uuid.UUID) -> Task | None:
-        """The task read with its row locked (`FOR UPDATE`) until the transaction ends, and
-        reloaded even if the session holds it already (`populate_existing`): a rule checked on
-        it cannot be overtaken by another request that changes the row in the meantime."""
+        """The task read with its row locked until the transaction ends, and reloaded even if
+        the session holds it already (`populate_existing`): a rule checked on it cannot be
+        overtaken by another request that changes the row in the meantime. `FOR NO KEY UPDATE`
+        (`key_share`): the key does not change, so rows referencing it are not held up."""
         found: Task | None = await self.session.scalar(
             select(Task)
             .where(Task.id == id)
-            .with_for_update()
+            .with_for_update(key_share=True)
             .execution_options(populate_existing=True)
         )
         return found

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import selectinload
 
 from dblayer.models import Task, User
@@ -25,11 +27,24 @@ class UserRepository(Repository[User]):
         return found
 
     async def get_by_email(self, email: str) -> User | None:
-        """Compared lower-cased, as the unique index `lower(email)` does (and so uses it)."""
+        """Compared as the unique index compares (PostgreSQL's `lower()` on both sides, so the
+        index is used and Python's idea of lower case never disagrees with the database's)."""
         found: User | None = await self.session.scalar(
-            select(User).where(func.lower(User.email) == email.lower())
+            select(User).where(func.lower(User.email) == func.lower(email))
         )
         return found
+
+    async def replace_password_hash(self, user: User, *, old: str, new: str) -> bool:
+        """Store `new` only where the hash is still `old`: a login's rehash must not undo a
+        password change that committed since the login read the row. "fetch" updates the
+        session's object only when the row really changed."""
+        result = await self.session.execute(
+            update(User)
+            .where(User.id == user.id, User.hashed_password == old)
+            .values(hashed_password=new)
+            .execution_options(synchronize_session="fetch")
+        )
+        return bool(cast("CursorResult[Any]", result).rowcount)
 
     async def username_exists(self, username: str) -> bool:
         found = await self.session.scalar(select(User.id).where(User.username == username).limit(1))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from functools import cache
 
 from pwdlib import PasswordHash
 from sqlalchemy.exc import IntegrityError
@@ -52,29 +50,47 @@ class UserService:
     async def authenticate(self, username: str, password: str) -> User | None:
         """The active user with this username and password, else None (same answer for both).
 
-        Every path verifies exactly one hash, so the time taken does not tell an unknown
-        username from a wrong password. A hash made with older parameters is replaced by one
-        made with today's (saved by the caller's commit)."""
+        Every path costs one verification at today's parameters, so the time taken does not
+        tell an unknown username (or a deactivated one) from a wrong password. An active user's
+        hash made with older parameters is replaced by one made with today's."""
         user = await self.users.get_by_username(username)
-        hashed = user.hashed_password if user is not None else None
-        valid, new_hash = await asyncio.to_thread(_verify, password, hashed)
-        if user is None or not valid or not user.is_active:
+        if user is None or not user.is_active:
+            hashed = user.hashed_password if user is not None else DUMMY_HASH
+            await asyncio.to_thread(_verify, password, hashed, update=False)
             return None
-        if new_hash is not None:
-            user.hashed_password = new_hash
-        return user
+        old = user.hashed_password
+        valid, new_hash = await asyncio.to_thread(_verify, password, old, update=True)
+        if valid and new_hash is not None:
+            await self.users.replace_password_hash(user, old=old, new=new_hash)
+        return user if valid else None
 
 
-def _verify(password: str, hashed: str | None) -> tuple[bool, str | None]:
-    """pwdlib's `verify_and_update`; an unknown user is checked against a dummy hash (and fails)
-    so that it costs what a known one costs."""
-    if hashed is None:
-        PASSWORDS.verify_and_update(password, _dummy_hash())
+def _verify(password: str, hashed: str, *, update: bool) -> tuple[bool, str | None]:
+    """pwdlib's `verify_and_update` (or `verify`), at full cost on every path: a hash no hasher
+    knows, or an outdated (cheaper) one that did not match, is followed by verifying the dummy
+    hash, so a wrong answer never comes back sooner than for a current hash."""
+    if not any(hasher.identify(hashed) for hasher in PASSWORDS.hashers):
+        PASSWORDS.verify(password, DUMMY_HASH)  # pwdlib would raise UnknownHashError: a 500
         return False, None
-    return PASSWORDS.verify_and_update(password, hashed)
+    if update:
+        valid, new_hash = PASSWORDS.verify_and_update(password, hashed)
+    else:
+        valid, new_hash = PASSWORDS.verify(password, hashed), None
+    if not valid and hashed is not DUMMY_HASH and _outdated(hashed):
+        PASSWORDS.verify(password, DUMMY_HASH)
+    return valid, new_hash
 
 
-@cache
-def _dummy_hash() -> str:
-    return PASSWORDS.hash(secrets.token_urlsafe())
-    # --8<-- [end:user_service]
+def _outdated(hashed: str) -> bool:
+    current = PASSWORDS.current_hasher
+    return not current.identify(hashed) or current.check_needs_rehash(hashed)
+
+
+# An Argon2id hash of a random password nobody kept, at today's parameters (a test checks that
+# they still are): what an unknown username is verified against. A constant, so the first
+# login of a process does not pay for hashing it.
+DUMMY_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$KMHNK9huyLwPtkRHCtMfTg"
+    "$9u17C0Zqqvd/+UQLC5yjt/aGIRQnTxrI7LKNKt81Ou8"
+)
+# --8<-- [end:user_service]

@@ -1,4 +1,4 @@
-"""one email whatever its case: the unique index on live users' emails compares lower(email)
+"""one email whatever its case: live users' emails are unique by lower(email)
 
 Revision ID: 0003
 Revises: 0002
@@ -7,12 +7,14 @@ Create Date: 2026-11-24 20:30:00+00:00
 Until now only `UserService` lower-cased emails; the repository's `create` and `bulk_create`
 (and any SQL) could store `Ada@x.org` beside `ada@x.org`. The schema now decides.
 
-Live rows that already differ only in case would make the new index fail with a bare
-"could not create unique index": the revision counts them first and stops with what to do,
-changing nothing (the transaction is rolled back). Writes to `users` wait while it runs (a
-SHARE ROW EXCLUSIVE lock, taken first so no new duplicate slips in between the check and the
-index); reads wait only for the instant of the index swap. `lock_timeout` makes it give up
-rather than queue behind a long transaction; it is `SET LOCAL`, so it ends with the migration.
+Without blocking the table: the new index is built `CONCURRENTLY` under a temporary name
+(reads and writes go on; PostgreSQL refuses that inside a transaction, hence
+`autocommit_block()`), the old one is dropped `CONCURRENTLY`, and the new one takes its name,
+so errors and code that name the index are unchanged. Uniqueness by exact email holds until the
+new index is in place.
+If live rows already differ only in case, the build fails: the half-built (INVALID) index is
+dropped and the upgrade stops with what to do, leaving the database at 0002. A retry after a
+failure of any kind first drops an INVALID index left behind, instead of skipping it.
 """
 
 from collections.abc import Sequence
@@ -26,40 +28,64 @@ down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+NAME = "uq_users_email_live"
 FIND_SHARED = (
     "SELECT lower(email), count(*) FROM users WHERE NOT is_deleted GROUP BY 1 HAVING count(*) > 1"
 )
-COUNT_SHARED = sa.text(
-    "SELECT count(*) FROM (SELECT 1 FROM users WHERE NOT is_deleted"
-    " GROUP BY lower(email) HAVING count(*) > 1) AS shared"
+REFUSED = (
+    "emails shared by live users whose addresses differ only in case; merge or soft-delete "
+    f"them, then upgrade again. Find them with: {FIND_SHARED}"
 )
 
 
 def upgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
-    op.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
-    if not op.get_context().as_sql:
-        shared = op.get_bind().scalar(COUNT_SHARED)
-        if shared:
-            raise CommandError(
-                f"{shared} email(s) are shared by live users whose addresses differ only in "
-                "case; merge or soft-delete them first, then upgrade again. "
-                f"Find them with: {FIND_SHARED}"
+    with op.get_context().autocommit_block():
+        if op.get_context().as_sql:  # `--sql`: the same refusal, in the script a DBA runs
+            op.execute(
+                f"DO $$ BEGIN IF EXISTS ({FIND_SHARED}) THEN "
+                f"RAISE EXCEPTION '{REFUSED.replace(chr(39), chr(39) * 2)}'; END IF; END $$"
             )
-    _replace_email_index(sa.text("lower(email)"))
+        try:
+            _replace("lower", sa.text("lower(email)"), leftover="exact")
+        except sa.exc.IntegrityError:
+            _drop_if_invalid(f"{NAME}_lower")
+            raise CommandError(REFUSED) from None
 
 
 def downgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
-    _replace_email_index("email")
+    with op.get_context().autocommit_block():
+        # Exact-case uniqueness always holds where lower(email)'s did.
+        _replace("exact", "email", leftover="lower")
 
 
-def _replace_email_index(expression: sa.TextClause | str) -> None:
-    op.drop_index("uq_users_email_live", table_name="users", postgresql_where="NOT is_deleted")
+def _replace(kind: str, expression: sa.TextClause | str, *, leftover: str) -> None:
+    """Build the new index beside the old one, drop the old, give the new the old's name.
+    Safe to rerun after a failure at any step; a half-done run the other way is cleared."""
+    building = f"{NAME}_{kind}"
+    op.drop_index(
+        f"{NAME}_{leftover}", table_name="users", postgresql_concurrently=True, if_exists=True
+    )
+    _drop_if_invalid(building)
     op.create_index(
-        "uq_users_email_live",
+        building,
         "users",
         [expression],
         unique=True,
         postgresql_where="NOT is_deleted",
+        postgresql_concurrently=True,
+        if_not_exists=True,
     )
+    op.drop_index(NAME, table_name="users", postgresql_concurrently=True, if_exists=True)
+    op.execute(f"ALTER INDEX {building} RENAME TO {NAME}")
+
+
+def _drop_if_invalid(name: str) -> None:
+    """A failed CONCURRENTLY build leaves an INVALID index, which IF NOT EXISTS would keep."""
+    if op.get_context().as_sql:
+        return
+    invalid = op.get_bind().scalar(
+        sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+        {"name": name},
+    )
+    if invalid:
+        op.drop_index(name, table_name="users", postgresql_concurrently=True)
