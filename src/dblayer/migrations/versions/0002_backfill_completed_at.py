@@ -16,7 +16,7 @@ Two patterns for a busy production table:
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision: str = "0002"
 down_revision: str | Sequence[str] | None = "0001"
@@ -24,6 +24,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 BATCH = 1000
+LOCK_TIMEOUT = "5s"  # `alembic -x lock_timeout=30s upgrade head` for another value
 BACKFILL = sa.text(
     """
     UPDATE tasks SET completed_at = updated_at
@@ -44,7 +45,12 @@ def upgrade() -> None:
         else:
             while op.get_bind().execute(BACKFILL, {"batch": BATCH}).rowcount:
                 pass  # each batch commits on its own
-        op.execute("SET lock_timeout = '5s'")
+        lock_timeout = context.get_x_argument(as_dictionary=True).get("lock_timeout", LOCK_TIMEOUT)
+        op.execute(
+            sa.text("SELECT set_config('lock_timeout', :value, false)").bindparams(
+                value=lock_timeout
+            )
+        )
         op.create_index(
             op.f("ix_tasks_completed_at"),
             "tasks",
