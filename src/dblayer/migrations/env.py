@@ -88,10 +88,10 @@ def run_handed_in(handed: object) -> None:
                 run_with(connection)
     elif isinstance(handed, AsyncEngine) and not _loop_running():
         asyncio.run(run_on(handed))  # a synchronous caller (pytest-alembic): a loop of our own
-    else:  # the loop's own thread, outside run_sync: nothing here may wait for that loop
+    else:  # synchronous code on the loop's own thread cannot wait for that loop
         raise CommandError(
-            f"an {type(handed).__name__} cannot be used from synchronous code running on its"
-            " event loop: call the Alembic command inside `await connection.run_sync(...)`"
+            f"an {type(handed).__name__} needs its event loop, which synchronous code cannot"
+            " wait for: call the Alembic command inside `await connection.run_sync(...)`"
             " (see dblayer.migrate.upgrade_to_head)"
         )
 

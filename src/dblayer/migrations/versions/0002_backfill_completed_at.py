@@ -32,7 +32,7 @@ BATCH = 1000
 LOCK_TIMEOUT = "5s"  # `alembic -x lock_timeout=30s upgrade head` for another value
 INDEX = "ix_tasks_completed_at"
 # One batch: the next BATCH ids after the last one seen, in the primary key's order. No SKIP
-# LOCKED: a row the app holds locked is waited for (a statement), not skipped for good.
+# LOCKED: a row the app holds locked is waited for, then backfilled, instead of skipped for good.
 BACKFILL = sa.text(
     """
     WITH batch AS (
