@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from argparse import Namespace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from alembic import command
@@ -27,29 +28,42 @@ def alembic_config() -> Config:
     return config
 
 
-async def upgrade_to_head(engine: AsyncEngine, revision: str = "head") -> None:
+async def upgrade_to_head(
+    engine: AsyncEngine, revision: str = "head", *, x_arguments: Sequence[str] = ()
+) -> None:
     """Upgrade the database to `revision` on the caller's event loop.
 
     The connection is handed over outside a transaction: Alembic runs the revisions in one of its
     own, and a revision may step out of it (`autocommit_block()`, for CREATE INDEX CONCURRENTLY).
+    `x_arguments` are what `alembic -x key=value` passes (revision 0002 reads `lock_timeout`).
     """
     async with engine.connect() as connection:
-        await connection.run_sync(upgrade, revision)
+        await connection.run_sync(upgrade, revision, x_arguments=x_arguments)
 
 
-async def downgrade_to(engine: AsyncEngine, revision: str = "base") -> None:
+async def downgrade_to(
+    engine: AsyncEngine, revision: str = "base", *, x_arguments: Sequence[str] = ()
+) -> None:
     """Downgrade to `revision` (`base`: an empty schema), the same way."""
     async with engine.connect() as connection:
-        await connection.run_sync(_run, command.downgrade, revision)
+        await connection.run_sync(_run, command.downgrade, revision, x_arguments)
 
 
-def upgrade(connection: Connection, revision: str = "head") -> None:
+def upgrade(
+    connection: Connection, revision: str = "head", *, x_arguments: Sequence[str] = ()
+) -> None:
     """The synchronous core, for code that holds a plain `Connection` (outside a transaction)."""
-    _run(connection, command.upgrade, revision)
+    _run(connection, command.upgrade, revision, x_arguments)
 
 
-def _run(connection: Connection, action: Callable[[Config, str], None], revision: str) -> None:
+def _run(
+    connection: Connection,
+    action: Callable[[Config, str], None],
+    revision: str,
+    x_arguments: Sequence[str],
+) -> None:
     config = alembic_config()
+    config.cmd_opts = Namespace(x=list(x_arguments))  # where `alembic -x` puts them
     config.attributes["connection"] = connection
     action(config, revision)
     # --8<-- [end:upgrade]

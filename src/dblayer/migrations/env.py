@@ -2,8 +2,8 @@
 
 * `alembic upgrade head` from a shell: the URL comes from the settings (DATABASE_URL or
   POSTGRES_*), never from alembic.ini, and the migrations run on an async engine.
-* From running async code (app start-up, tests): pass a connection in
-  `config.attributes["connection"]` (see `dblayer.migrate`); no second event loop is started.
+* From running code (app start-up, tests, tools): `config.attributes["connection"]` may hold a
+  `Connection` (see `dblayer.migrate`), an `Engine`, an `AsyncEngine` or an `AsyncConnection`.
 * `alembic upgrade head --sql`: offline mode, SQL printed instead of executed.
 """
 
@@ -14,9 +14,10 @@ from logging.config import fileConfig
 
 from alembic import context
 from alembic.util import CommandError
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, Engine, pool
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util.concurrency import in_greenlet
 
 from dblayer.engine import connect_args, describe_failure
 from dblayer.models import Base
@@ -50,11 +51,7 @@ def run_with(connection: Connection) -> None:
         context.run_migrations()
 
 
-async def run_async_migrations() -> None:
-    settings = get_settings()
-    engine = create_async_engine(
-        settings.url, poolclass=pool.NullPool, connect_args=connect_args(settings)
-    )
+async def run_on(engine: AsyncEngine) -> None:
     try:
         try:
             connection = await engine.connect()
@@ -66,13 +63,55 @@ async def run_async_migrations() -> None:
         finally:
             await connection.close()
     finally:
-        await engine.dispose()
+        await engine.dispose()  # its pooled connections belong to this event loop, which ends here
+
+
+def run_handed_in(handed: object) -> None:
+    """What running code handed in, used where this is called from."""
+    if isinstance(handed, Connection):
+        run_with(handed)
+    elif isinstance(handed, Engine):
+        with handed.connect() as connection:
+            run_with(connection)
+    elif not isinstance(handed, AsyncEngine | AsyncConnection):
+        raise CommandError(
+            f'config.attributes["connection"] got a {type(handed).__name__}: expected a'
+            " Connection, Engine, AsyncConnection or AsyncEngine"
+        )
+    elif in_greenlet():  # inside `run_sync()`: the async driver's calls are awaited for us
+        if isinstance(handed, AsyncConnection):
+            if handed.sync_connection is None:
+                raise CommandError("the AsyncConnection is not connected: `async with` it first")
+            run_with(handed.sync_connection)
+        else:
+            with handed.sync_engine.connect() as connection:
+                run_with(connection)
+    elif isinstance(handed, AsyncEngine) and not _loop_running():
+        asyncio.run(run_on(handed))  # a synchronous caller (pytest-alembic): a loop of our own
+    else:  # synchronous code on the loop's own thread cannot wait for that loop
+        raise CommandError(
+            f"an {type(handed).__name__} needs its event loop, which synchronous code cannot"
+            " wait for: call the Alembic command inside `await connection.run_sync(...)`"
+            " (see dblayer.migrate.upgrade_to_head)"
+        )
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 if context.is_offline_mode():
     run_migrations_offline()
-elif (connection := config.attributes.get("connection")) is not None:
-    run_with(connection)  # handed in by running code: use it, start nothing
+elif (handed := config.attributes.get("connection")) is not None:
+    run_handed_in(handed)
 else:
-    asyncio.run(run_async_migrations())
+    settings = get_settings()
+    engine = create_async_engine(
+        settings.url, poolclass=pool.NullPool, connect_args=connect_args(settings)
+    )
+    asyncio.run(run_on(engine))
 # --8<-- [end:configure]
