@@ -181,7 +181,7 @@ def test_binaries_are_copied_when_the_user_cannot_reach_them(
 ) -> None:
     monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] == "test")
     with as_another_user(EmbeddedPostgres()) as server:
-        assert server.binaries.bindir == server.directory / "pg" / "pgserver" / "pginstall" / "bin"
+        assert server._bindir == server.directory / "pg" / "pgserver" / "pginstall" / "bin"
         assert query(server, "SELECT 1") == 1
 
 
@@ -259,3 +259,18 @@ def test_a_signal_during_start_up_stops_it_cleanly(capsys: pytest.CaptureFixture
     assert embedded.main([]) == 0
     stopper.join()
     assert "DATABASE_URL=postgresql+asyncpg://" in capsys.readouterr().out
+
+
+def test_a_server_with_copied_binaries_starts_again_after_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copy lives in the server's directory, which `stop()` deletes: the next `start()` must
+    copy again from the original installation, not look for the deleted copy."""
+    monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] == "test")
+    server = as_another_user(EmbeddedPostgres())
+    original = server.binaries
+    for _ in range(2):
+        with server:
+            assert server._bindir.is_relative_to(server.directory)
+            assert query(server, "SELECT 1") == 1
+        assert server.binaries == original

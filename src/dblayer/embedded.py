@@ -160,7 +160,7 @@ class EmbeddedPostgres:
         self.port = port or _free_port()
         self._dir: Path | None = None
         self._owner = _unprivileged_user()
-        self._bindir = self.binaries.bindir  # where the owner can run them: set by _initdb
+        self._bindir = self.binaries.bindir  # where the owner can run them (a copy): by _initdb
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -288,8 +288,9 @@ class EmbeddedPostgres:
         for path in [self.directory / "pg", *(self.directory / "pg").rglob("*")]:
             if path.is_dir():
                 path.chmod(0o755)
-        self.binaries = Binaries(copy / "bin", self.binaries.source)
-        return self.binaries.bindir
+        # `self.binaries` keeps naming the original: `stop()` deletes the copy with the directory,
+        # and the next `start()` copies again from there.
+        return copy / "bin"
 
     def _pg_ctl(self, *args: str) -> None:
         self._run(str(self._bindir / "pg_ctl"), "-D", str(self.directory / "data"), *args)
