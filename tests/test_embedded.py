@@ -274,3 +274,19 @@ def test_a_server_with_copied_binaries_starts_again_after_stop(
             assert server._bindir.is_relative_to(server.directory)
             assert query(server, "SELECT 1") == 1
         assert server.binaries == original
+
+
+def test_the_command_line_can_start_a_server_that_trusts_everyone(tmp_path: Path) -> None:
+    """`--auth trust`, as the official image with POSTGRES_HOST_AUTH_METHOD=trust: the URL has no
+    password, and a wrong one is let in too."""
+    url_file = tmp_path / "url"
+    stopper = stop_when(url_file.exists)
+    assert embedded.main(["--auth", "trust", "--url-file", str(url_file)]) == 0
+    stopper.join()
+    assert url_file.read_text().startswith("postgresql+asyncpg://postgres@127.0.0.1:")
+
+
+def test_trust_authentication_lets_a_wrong_password_in(open_dir: Path) -> None:
+    with EmbeddedPostgres(base_dir=open_dir, auth="trust") as server:
+        server.password = "not-the-password"
+        assert query(server, "SELECT current_user") == "postgres"

@@ -67,6 +67,7 @@ async def test_engine_from_the_environment_uses_the_pool_settings(
     assert int(version.split(".")[0]) >= 15
 
 
+@pytest.mark.usefixtures("password_auth")
 async def test_wrong_password(database_url: URL, caplog: pytest.LogCaptureFixture) -> None:
     message = await unavailable(database_url.set(password="hunter2"), caplog)
     assert message == (

@@ -5,7 +5,8 @@ starts one and prints its `DATABASE_URL`. The binaries come from the `pgserver` 
 (PostgreSQL 16), or from a system installation (`pg_config --bindir`, `/usr/lib/postgresql/*/bin`).
 
 The server listens on 127.0.0.1 only, with password (SCRAM) authentication like a real one, and a
-random password that contains `@:/%#?` so every URL built from it proves its escaping. PostgreSQL
+random password that contains `@:/%#?` so every URL built from it proves its escaping (or, with
+`--auth trust`, none: any password is accepted, as on servers set up that way). PostgreSQL
 refuses to run as root, so under root it runs as an unprivileged system user.
 """
 
@@ -29,10 +30,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from sqlalchemy import URL
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+Auth = Literal["scram-sha-256", "trust"]
+AUTH_METHODS: tuple[Auth, ...] = ("scram-sha-256", "trust")
 # Fsync and WAL safety are pointless for a server that is deleted when it stops.
 _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
@@ -151,10 +155,14 @@ class EmbeddedPostgres:
         password: str | None = None,
         port: int | None = None,
         base_dir: Path | None = None,
+        auth: Auth = "scram-sha-256",
     ) -> None:
         self.binaries = binaries or find_binaries()
         self.base_dir = base_dir or default_base_dir()
         self.user = user
+        # "trust" lets anyone in without a password, like the official image with
+        # POSTGRES_HOST_AUTH_METHOD=trust: for trying the suite on such a server.
+        self.auth = auth
         # token_urlsafe has no URL-special characters; the suffix adds the hard ones on purpose.
         self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
         self.port = port or _free_port()
@@ -182,7 +190,7 @@ class EmbeddedPostgres:
         return URL.create(
             f"postgresql+{driver}",
             username=self.user,
-            password=self.password,
+            password=None if self.auth == "trust" else self.password,
             host="127.0.0.1",
             port=self.port,
             database=database,
@@ -255,7 +263,7 @@ class EmbeddedPostgres:
             "-D", str(directory / "data"),
             "-U", self.user,
             "--pwfile", str(pwfile),
-            "--auth", "scram-sha-256",
+            "--auth", self.auth,
             "--encoding", "UTF8",
             "--locale", "C",
             "--no-sync",
@@ -335,9 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--driver", default="asyncpg", choices=["asyncpg", "psycopg"])
     parser.add_argument("--url-file", type=Path, help="also write the URL to this file")
+    parser.add_argument(
+        "--auth",
+        default="scram-sha-256",
+        choices=AUTH_METHODS,
+        help="client authentication (default: scram-sha-256; trust: no password asked)",
+    )
     args = parser.parse_args(argv)
 
-    server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port)
+    server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port, auth=args.auth)
     stopped = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in _STOP_SIGNALS}
     try:
