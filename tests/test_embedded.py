@@ -290,3 +290,39 @@ def test_trust_authentication_lets_a_wrong_password_in(open_dir: Path) -> None:
     with EmbeddedPostgres(base_dir=open_dir, auth="trust") as server:
         server.password = "not-the-password"
         assert query(server, "SELECT current_user") == "postgres"
+
+
+def test_tls_needs_a_certificate_a_key_and_a_build_with_openssl(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedPostgresError, match="both ssl_cert_file and ssl_key_file"):
+        EmbeddedPostgres(ssl_cert_file=tmp_path / "server.crt")
+    pgserver = find_binaries()
+    assert not pgserver.supports_tls
+    with pytest.raises(EmbeddedPostgresError, match=r"OpenSSL; pgserver .* is not \(Debian's"):
+        EmbeddedPostgres(
+            pgserver, ssl_cert_file=tmp_path / "server.crt", ssl_key_file=tmp_path / "server.key"
+        )
+    assert not Binaries(tmp_path, "no pg_config here").supports_tls
+
+
+@needs_system_postgres
+def test_tls_files_are_the_server_users_own(open_dir: Path) -> None:
+    """Copied into the data directory, mode 0600 and owned by the user the server runs as
+    (tests/test_tls.py starts such a server and connects to it)."""
+    for name in ("server.crt", "server.key"):
+        (open_dir / name).write_text(name)
+    server = as_another_user(
+        EmbeddedPostgres(
+            find_binaries(SYSTEM_BINDIRS[-1]),
+            ssl_cert_file=open_dir / "server.crt",
+            ssl_key_file=open_dir / "server.key",
+        )
+    )
+    data = open_dir / "data"
+    data.mkdir()
+    assert server._install_tls_files(data) == [
+        "ssl = on",
+        "ssl_cert_file = 'dblayer_ssl_cert_file'",
+        "ssl_key_file = 'dblayer_ssl_key_file'",
+    ]
+    key = (data / "dblayer_ssl_key_file").stat()
+    assert (key.st_mode & 0o777, key.st_uid) == (0o600, server._owner.pw_uid)  # type: ignore[union-attr]

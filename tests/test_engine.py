@@ -48,6 +48,23 @@ def test_connect_args_per_driver() -> None:
     assert connect_args(get_settings(database_driver="psycopg")) == {"connect_timeout": 10}
 
 
+def test_connect_args_carry_the_tls_settings() -> None:
+    """libpq (psycopg) takes its own parameters; asyncpg takes the mode as `ssl` and reads the
+    files from a DSN, whose values the keyword arguments (host, user, ...) override."""
+    url = "postgresql://shop:pw@db/shop?sslmode=verify-full&sslrootcert=/etc/ca%20dir/ca.pem"
+    assert connect_args(get_settings(database_url=url)) == {
+        "timeout": 10.0,
+        "ssl": "verify-full",
+        "dsn": "postgresql://?sslrootcert=%2Fetc%2Fca+dir%2Fca.pem",
+    }
+    assert connect_args(get_settings(database_url=url, database_driver="psycopg")) == {
+        "connect_timeout": 10,
+        "sslmode": "verify-full",
+        "sslrootcert": "/etc/ca dir/ca.pem",
+    }
+    assert connect_args(get_settings(db_sslmode="require")) == {"timeout": 10.0, "ssl": "require"}
+
+
 async def test_engine_from_the_environment_uses_the_pool_settings(
     monkeypatch: pytest.MonkeyPatch, database_url: URL, driver: Driver
 ) -> None:
@@ -158,4 +175,40 @@ def test_describe_failure_without_host_port_or_password() -> None:
     )
     assert describe_failure(url, OSError("no route")) == (
         "cannot connect to localhost:5432/shop: OSError: no route"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (  # psycopg (libpq)
+            DriverError(
+                'server certificate for "localhost" does not match host name "db.internal"'
+            ),
+            "the server's certificate is not valid for host 'db.internal' (sslmode=verify-full "
+            "checks the name: connect by a name the certificate has)",
+        ),
+        (  # asyncpg (Python's ssl module)
+            DriverError(
+                "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get "
+                "local issuer certificate (_ssl.c:1006)"
+            ),
+            "the server's certificate is not signed by the CA in sslrootcert",
+        ),
+        (
+            DriverError('root certificate file "/root/.postgresql/root.crt" does not exist'),
+            'root certificate file "/root/.postgresql/root.crt" does not exist: set sslrootcert '
+            "(or DB_SSLROOTCERT) to the CA's certificate",
+        ),
+        (
+            DriverError('PostgreSQL server at "db.internal:5432" rejected SSL upgrade'),
+            "the server does not offer TLS, and sslmode requires it",
+        ),
+    ],
+)
+def test_tls_failures_in_the_same_words_for_both_drivers(error: Exception, cause: str) -> None:
+    """What tests/test_tls.py produces against a real TLS server, here without one."""
+    wrapped = InterfaceError("connect", None, error)
+    assert describe_failure(URL_WITH_SECRET, wrapped) == (
+        f"cannot connect to db.internal:5432/shop: {cause}"
     )

@@ -61,6 +61,17 @@ class Binaries:
         match = re.search(r"(\d+(?:\.\d+)+)", out)
         return match.group(1) if match else out.strip()
 
+    @property
+    def supports_tls(self) -> bool:
+        """Whether the server was built with OpenSSL (pgserver's wheel is not; Debian's is)."""
+        try:
+            out = subprocess.run(  # noqa: S603 - a fixed program from a known directory
+                [str(self.bindir / "pg_config"), "--configure"], capture_output=True, text=True
+            ).stdout
+        except OSError:
+            return False
+        return any(flag in out for flag in ("--with-openssl", "--with-ssl=openssl", "ssl=openssl"))
+
 
 def find_binaries(bindir: str | os.PathLike[str] | None = None) -> Binaries:
     """Locate `initdb`/`pg_ctl`: an explicit directory, then pgserver's wheel, then the system."""
@@ -156,6 +167,9 @@ class EmbeddedPostgres:
         port: int | None = None,
         base_dir: Path | None = None,
         auth: Auth = "scram-sha-256",
+        ssl_cert_file: Path | None = None,
+        ssl_key_file: Path | None = None,
+        ssl_ca_file: Path | None = None,
     ) -> None:
         self.binaries = binaries or find_binaries()
         self.base_dir = base_dir or default_base_dir()
@@ -163,6 +177,24 @@ class EmbeddedPostgres:
         # "trust" lets anyone in without a password, like the official image with
         # POSTGRES_HOST_AUTH_METHOD=trust: for trying the suite on such a server.
         self.auth = auth
+        # TLS (`ssl = on`) with this certificate and key; with a CA file the server also asks
+        # clients for a certificate (not required). Copied into the data directory at start.
+        if (ssl_cert_file is None) != (ssl_key_file is None):
+            raise EmbeddedPostgresError("TLS needs both ssl_cert_file and ssl_key_file")
+        if ssl_cert_file is not None and not self.binaries.supports_tls:
+            raise EmbeddedPostgresError(
+                f"TLS needs a server built with OpenSSL; {self.binaries.source} is not "
+                "(Debian's postgresql package is: pass its bin directory)"
+            )
+        self._tls_files = {
+            name: path
+            for name, path in [
+                ("ssl_cert_file", ssl_cert_file),
+                ("ssl_key_file", ssl_key_file),
+                ("ssl_ca_file", ssl_ca_file),
+            ]
+            if path is not None
+        }
         # token_urlsafe has no URL-special characters; the suffix adds the hard ones on purpose.
         self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
         self.port = port or _free_port()
@@ -276,8 +308,24 @@ class EmbeddedPostgres:
             f"unix_socket_directories = '{directory}'",
             *(line.replace("=", " = ") for line in _FAST_SETTINGS),
         ]
+        settings += self._install_tls_files(directory / "data")
         with (directory / "data" / "postgresql.conf").open("a") as conf:
             conf.write("\n# dblayer.embedded\n" + "\n".join(settings) + "\n")
+
+    def _install_tls_files(self, data: Path) -> list[str]:
+        """Copy the certificate files into the data directory, owned by the server's user, the
+        key readable by it alone (the server refuses to start otherwise); their settings."""
+        if not self._tls_files:
+            return []
+        settings = ["ssl = on"]
+        for name, source in self._tls_files.items():
+            target = data / f"dblayer_{name}"
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if self._owner is not None:
+                os.chown(target, self._owner.pw_uid, self._owner.pw_gid)
+            settings.append(f"{name} = '{target.name}'")  # relative to the data directory
+        return settings
 
     def _usable_bindir(self) -> Path:
         """The binaries, copied somewhere the unprivileged user can read if it cannot reach them."""
