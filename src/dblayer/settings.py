@@ -182,12 +182,12 @@ def _check_query(url: URL) -> None:
     for name, value in url.query.items():
         if name != "host" and name not in TLS_PARAMETERS:
             quoted = f" {name!r}" if re.fullmatch(r"\w{1,40}", name) else ""
-            supported = ", ".join(("host", *TLS_PARAMETERS))
-            raise ValueError(f"unsupported query parameter{quoted}; supported: {supported}")
+            supported = ", ".join(("host", *TLS_PARAMETERS[:-1]))
+            raise ValueError(f"unknown parameter{quoted}; use {supported} or {TLS_PARAMETERS[-1]}")
         if name in TLS_PARAMETERS and not isinstance(value, str):
             raise ValueError(f"{name} given more than once")
     if url.query.get("sslmode", "prefer") not in SSL_MODES:
-        raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}")
+        raise ValueError(f"sslmode must be {', '.join(SSL_MODES[:-1])} or {SSL_MODES[-1]}")
 
 
 # --8<-- [start:get_settings]
