@@ -326,3 +326,7 @@ def test_tls_files_are_the_server_users_own(open_dir: Path) -> None:
     ]
     key = (data / "dblayer_ssl_key_file").stat()
     assert (key.st_mode & 0o777, key.st_uid) == (0o600, server._owner.pw_uid)  # type: ignore[union-attr]
+    server._owner = None  # not root: the server runs as we do, the files stay ours
+    (data / "dblayer_ssl_key_file").unlink()
+    server._install_tls_files(data)
+    assert (data / "dblayer_ssl_key_file").stat().st_uid == os.getuid()

@@ -23,7 +23,7 @@ from dblayer.settings import Driver, get_settings
 async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: object) -> str:
     """Try to connect to `url` with echo on; return the one-line error, checked for secrets."""
     caplog.set_level(logging.DEBUG)
-    password = str(url.password)
+    password = url.password if isinstance(url.password, str) else None  # none on a trust server
     settings = get_settings(
         database_url=url.render_as_string(hide_password=False), db_echo=True, **values
     )
@@ -37,7 +37,7 @@ async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: obje
     assert "\n" not in message
     assert caught.value.__cause__ is None  # no driver traceback chained on
     for text in (message, caplog.text, repr(settings), repr(engine.sync_engine)):
-        assert password not in text
+        assert password is None or password not in text
     return message
 
 
