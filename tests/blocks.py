@@ -7,6 +7,9 @@ A fence may carry settings, each needing a `reason="…"`:
 * `drivers="asyncpg"` runs the block under that driver only (e.g. the asyncpg tab of a pair);
 * `test="skip"` does not run it at all (counted and listed in the run's summary).
 
+`needs="password-auth"` (no reason needed) marks a block that shows a wrong password refused: on
+a server with trust authentication it is skipped with one line, not exempted.
+
 Writing blocks that pytest-examples can keep up to date (learned the hard way):
 
 * prints must run in the order they stand in the source (it inserts the outputs in that order);
@@ -29,7 +32,8 @@ from dblayer.settings import DRIVERS, Driver
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
-_KNOWN = {"test", "drivers", "reason", "title"}
+_KNOWN = {"test", "drivers", "reason", "title", "needs"}
+_NEEDS = {"password-auth"}  # what a reader's server may not offer (see FenceSettings.needs)
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -58,6 +62,7 @@ class FenceSettings:
     drivers: tuple[Driver, ...] = DRIVERS
     skip: bool = False
     reason: str = ""
+    needs: tuple[str, ...] = ()  # what the server must offer, else the block is skipped
 
     @classmethod
     def parse(cls, prefix: str, where: str) -> FenceSettings:
@@ -79,7 +84,10 @@ class FenceSettings:
         drivers = tuple(d for d in DRIVERS if d in values.get("drivers", " ".join(DRIVERS)).split())
         if not drivers:
             raise ValueError(f"{where}: drivers= names none of {DRIVERS}")
-        return cls(drivers=drivers, skip=values.get("test") == "skip", reason=reason)
+        needs = tuple(values.get("needs", "").split())
+        if set(needs) - _NEEDS:
+            raise ValueError(f"{where}: needs= takes {sorted(_NEEDS)}")
+        return cls(drivers=drivers, skip=values.get("test") == "skip", reason=reason, needs=needs)
 
     @property
     def exempt(self) -> bool:

@@ -7,6 +7,7 @@ named `dblayer_test_<run>_…`; nothing else is ever dropped.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import secrets
@@ -22,6 +23,10 @@ from dblayer.migrate import upgrade
 from dblayer.settings import Driver
 
 PREFIX = "dblayer_test_"
+# The one line a test that needs a wrong password refused is skipped with, on a trusting server.
+NO_PASSWORD_AUTH = (
+    "the server accepts any password (trust authentication): a wrong one cannot be shown failing"
+)
 
 
 @dataclass
@@ -50,6 +55,17 @@ class Server:
             f"embedded, {embedded.binaries.source}",
             embedded=embedded,
         )
+
+    @functools.cached_property
+    def enforces_passwords(self) -> bool:
+        """Whether a wrong password is refused: not with `trust` authentication (the official
+        image with POSTGRES_HOST_AUTH_METHOD=trust). Asked once, with a deliberately wrong one."""
+        wrong = self.admin_url.set(password=f"wrong-{secrets.token_hex(8)}")
+        try:
+            connect(wrong).close()
+        except psycopg.OperationalError:
+            return True
+        return False
 
     def read_version(self) -> None:
         with connect(self.admin_url) as conn:

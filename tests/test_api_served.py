@@ -41,18 +41,22 @@ def call(base: str, method: str, path: str, body: dict[str, Any] | None = None) 
 
 
 def serve_until(port: int, check: Callable[[str], None]) -> threading.Thread:
-    """Once the app answers on `port`, run `check` against it, then SIGTERM ourselves."""
+    """Once the app answers on `port`, run `check` against it, then SIGTERM ourselves.
+    Setting the thread's `stop_waiting` (when the app has exited by itself) ends the wait."""
     base = f"http://127.0.0.1:{port}"
     failures: list[BaseException] = []
+    stop_waiting = threading.Event()
 
     def run() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while not stop_waiting.is_set() and time.monotonic() < deadline:
             try:
                 if call(base, "GET", "/ready")[0] == 200:
                     break
             except OSError:
-                time.sleep(0.1)
+                stop_waiting.wait(0.1)
+        if stop_waiting.is_set():
+            return  # nothing is served: nothing to check, nothing to stop
         try:
             check(base)
         except BaseException as error:  # reported by the test after the server stopped
@@ -61,6 +65,7 @@ def serve_until(port: int, check: Callable[[str], None]) -> threading.Thread:
 
     thread = threading.Thread(target=run)
     thread.failures = failures  # type: ignore[attr-defined]
+    thread.stop_waiting = stop_waiting  # type: ignore[attr-defined]
     thread.start()
     return thread
 
@@ -105,16 +110,20 @@ def test_the_app_served_by_uvicorn_on_a_configured_database(
 ) -> None:
     name = databases.clone(empty=True)
     try:
-        monkeypatch.setenv(
-            "DATABASE_URL", databases.url(name, "psycopg").render_as_string(hide_password=False)
-        )
+        url = databases.url(name, "psycopg")
+        monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
         port = free_port()
         checker = serve_until(port, real_http_checks)
         assert serve.main(["--port", str(port)]) == 0
         checker.join()
         assert not checker.failures, checker.failures  # type: ignore[attr-defined]
         out = capsys.readouterr().out
-        assert out.startswith("database: configured: postgresql+psycopg://postgres:***@127.0.0.1:")
+        # `str(url)` masks the password; a server with trust authentication may have none.
+        assert out.startswith(f"database: configured: {url}\n")
+        assert (
+            url.password is None
+            or "database: configured: postgresql+psycopg://postgres:***@" in out
+        )
         assert "seed: created (3 tasks)" in out
     finally:
         databases.drop(name)
@@ -147,9 +156,23 @@ def test_bad_settings_are_one_line(
 def test_the_app_is_not_served_when_prestart_fails(
     monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wrong = database_url.set(password="hunter2").render_as_string(hide_password=False)
-    monkeypatch.setenv("DATABASE_URL", wrong)
-    assert serve.main(["--port", str(free_port())]) == 1
+    """A database that is not there fails pre-start on every server (a wrong password does not,
+    where authentication is `trust`). Should the app be served anyway, the guard stops it and the
+    test fails instead of waiting for a SIGTERM that never comes."""
+    missing = database_url.set(database=f"{database_url.database}_missing")
+    monkeypatch.setenv("DATABASE_URL", missing.render_as_string(hide_password=False))
+    port = free_port()
+    guard = serve_until(port, served_anyway)
+    try:
+        assert serve.main(["--port", str(port)]) == 1
+    finally:
+        guard.stop_waiting.set()  # type: ignore[attr-defined]
+        guard.join()
     out, err = capsys.readouterr()
-    assert "password authentication failed" in err
+    assert f"database '{missing.database}' does not exist" in err
     assert "Uvicorn running" not in out + err
+    assert not guard.failures, guard.failures  # type: ignore[attr-defined]
+
+
+def served_anyway(base: str) -> None:
+    raise AssertionError(f"the app was served at {base} although pre-start failed")

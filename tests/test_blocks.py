@@ -36,6 +36,7 @@ def test_normalise_keeps_what_matters() -> None:
         ('{.python test="maybe" reason="x"}', 'only takes "skip"'),
         ('{.python drivers="psycopg2" reason="x"}', "names none of"),
         ('{.python colour="red"}', "unknown fence setting"),
+        ('{.python needs="superuser"}', "needs= takes"),
         ('python test="skip" reason="x"', "in braces"),
     ],
 )
@@ -50,6 +51,8 @@ def test_fence_settings() -> None:
     only = FenceSettings.parse('{.python drivers="psycopg" reason="psycopg tab"}', "x")
     assert (only.drivers, only.exempt, only.reason) == (("psycopg",), True, "psycopg tab")
     assert FenceSettings.parse('{.console test="skip" reason="docker"}', "x").skip
+    needs = FenceSettings.parse('{.python needs="password-auth"}', "x")
+    assert (needs.needs, needs.exempt) == (("password-auth",), False)
 
 
 def page(tmp_path: Path, text: str) -> Path:

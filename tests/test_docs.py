@@ -36,7 +36,7 @@ from tests.blocks import (
     normalise,
     python_blocks,
 )
-from tests.databases import Databases
+from tests.databases import NO_PASSWORD_AUTH, Databases, Server
 
 ROOT = DOCS.parent
 RUFF_TOML = """\
@@ -82,6 +82,9 @@ def _settings(
     request.node.user_properties.append(("docs", record))  # read by conftest's report
     if settings.skip or driver not in settings.drivers:
         pytest.skip(f"exempt: {settings.reason}")
+    server: Server = request.getfixturevalue("server")
+    if "password-auth" in settings.needs and not server.enforces_passwords:
+        pytest.skip(NO_PASSWORD_AUTH)
     return settings
 
 

@@ -181,7 +181,7 @@ def test_binaries_are_copied_when_the_user_cannot_reach_them(
 ) -> None:
     monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] == "test")
     with as_another_user(EmbeddedPostgres()) as server:
-        assert server.binaries.bindir == server.directory / "pg" / "pgserver" / "pginstall" / "bin"
+        assert server._bindir == server.directory / "pg" / "pgserver" / "pginstall" / "bin"
         assert query(server, "SELECT 1") == 1
 
 
@@ -259,3 +259,74 @@ def test_a_signal_during_start_up_stops_it_cleanly(capsys: pytest.CaptureFixture
     assert embedded.main([]) == 0
     stopper.join()
     assert "DATABASE_URL=postgresql+asyncpg://" in capsys.readouterr().out
+
+
+def test_a_server_with_copied_binaries_starts_again_after_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copy lives in the server's directory, which `stop()` deletes: the next `start()` must
+    copy again from the original installation, not look for the deleted copy."""
+    monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] == "test")
+    server = as_another_user(EmbeddedPostgres())
+    original = server.binaries
+    for _ in range(2):
+        with server:
+            assert server._bindir.is_relative_to(server.directory)
+            assert query(server, "SELECT 1") == 1
+        assert server.binaries == original
+
+
+def test_the_command_line_can_start_a_server_that_trusts_everyone(tmp_path: Path) -> None:
+    """`--auth trust`, as the official image with POSTGRES_HOST_AUTH_METHOD=trust: the URL has no
+    password, and a wrong one is let in too."""
+    url_file = tmp_path / "url"
+    stopper = stop_when(url_file.exists)
+    assert embedded.main(["--auth", "trust", "--url-file", str(url_file)]) == 0
+    stopper.join()
+    assert url_file.read_text().startswith("postgresql+asyncpg://postgres@127.0.0.1:")
+
+
+def test_trust_authentication_lets_a_wrong_password_in(open_dir: Path) -> None:
+    with EmbeddedPostgres(base_dir=open_dir, auth="trust") as server:
+        server.password = "not-the-password"
+        assert query(server, "SELECT current_user") == "postgres"
+
+
+def test_tls_needs_a_certificate_a_key_and_a_build_with_openssl(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedPostgresError, match="both ssl_cert_file and ssl_key_file"):
+        EmbeddedPostgres(ssl_cert_file=tmp_path / "server.crt")
+    pgserver = find_binaries()
+    assert not pgserver.supports_tls
+    with pytest.raises(EmbeddedPostgresError, match=r"OpenSSL; pgserver .* is not \(Debian's"):
+        EmbeddedPostgres(
+            pgserver, ssl_cert_file=tmp_path / "server.crt", ssl_key_file=tmp_path / "server.key"
+        )
+    assert not Binaries(tmp_path, "no pg_config here").supports_tls
+
+
+@needs_system_postgres
+def test_tls_files_are_the_server_users_own(open_dir: Path) -> None:
+    """Copied into the data directory, mode 0600 and owned by the user the server runs as
+    (tests/test_tls.py starts such a server and connects to it)."""
+    for name in ("server.crt", "server.key"):
+        (open_dir / name).write_text(name)
+    server = as_another_user(
+        EmbeddedPostgres(
+            find_binaries(SYSTEM_BINDIRS[-1]),
+            ssl_cert_file=open_dir / "server.crt",
+            ssl_key_file=open_dir / "server.key",
+        )
+    )
+    data = open_dir / "data"
+    data.mkdir()
+    assert server._install_tls_files(data) == [
+        "ssl = on",
+        "ssl_cert_file = 'dblayer_ssl_cert_file'",
+        "ssl_key_file = 'dblayer_ssl_key_file'",
+    ]
+    key = (data / "dblayer_ssl_key_file").stat()
+    assert (key.st_mode & 0o777, key.st_uid) == (0o600, server._owner.pw_uid)  # type: ignore[union-attr]
+    server._owner = None  # not root: the server runs as we do, the files stay ours
+    (data / "dblayer_ssl_key_file").unlink()
+    server._install_tls_files(data)
+    assert (data / "dblayer_ssl_key_file").stat().st_uid == os.getuid()

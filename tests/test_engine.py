@@ -23,7 +23,7 @@ from dblayer.settings import Driver, get_settings
 async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: object) -> str:
     """Try to connect to `url` with echo on; return the one-line error, checked for secrets."""
     caplog.set_level(logging.DEBUG)
-    password = str(url.password)
+    password = url.password if isinstance(url.password, str) else None  # none on a trust server
     settings = get_settings(
         database_url=url.render_as_string(hide_password=False), db_echo=True, **values
     )
@@ -37,7 +37,7 @@ async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: obje
     assert "\n" not in message
     assert caught.value.__cause__ is None  # no driver traceback chained on
     for text in (message, caplog.text, repr(settings), repr(engine.sync_engine)):
-        assert password not in text
+        assert password is None or password not in text
     return message
 
 
@@ -46,6 +46,23 @@ def test_connect_args_per_driver() -> None:
     psycopg = get_settings(database_driver="psycopg", db_connect_timeout=0.5)
     assert connect_args(psycopg) == {"connect_timeout": 2}  # libpq's minimum
     assert connect_args(get_settings(database_driver="psycopg")) == {"connect_timeout": 10}
+
+
+def test_connect_args_carry_the_tls_settings() -> None:
+    """libpq (psycopg) takes its own parameters; asyncpg takes the mode as `ssl` and reads the
+    files from a DSN, whose values the keyword arguments (host, user, ...) override."""
+    url = "postgresql://shop:pw@db/shop?sslmode=verify-full&sslrootcert=/etc/ca%20dir/ca.pem"
+    assert connect_args(get_settings(database_url=url)) == {
+        "timeout": 10.0,
+        "ssl": "verify-full",
+        "dsn": "postgresql://?sslrootcert=%2Fetc%2Fca+dir%2Fca.pem",
+    }
+    assert connect_args(get_settings(database_url=url, database_driver="psycopg")) == {
+        "connect_timeout": 10,
+        "sslmode": "verify-full",
+        "sslrootcert": "/etc/ca dir/ca.pem",
+    }
+    assert connect_args(get_settings(db_sslmode="require")) == {"timeout": 10.0, "ssl": "require"}
 
 
 async def test_engine_from_the_environment_uses_the_pool_settings(
@@ -67,6 +84,7 @@ async def test_engine_from_the_environment_uses_the_pool_settings(
     assert int(version.split(".")[0]) >= 15
 
 
+@pytest.mark.usefixtures("password_auth")
 async def test_wrong_password(database_url: URL, caplog: pytest.LogCaptureFixture) -> None:
     message = await unavailable(database_url.set(password="hunter2"), caplog)
     assert message == (
@@ -157,4 +175,40 @@ def test_describe_failure_without_host_port_or_password() -> None:
     )
     assert describe_failure(url, OSError("no route")) == (
         "cannot connect to localhost:5432/shop: OSError: no route"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (  # psycopg (libpq)
+            DriverError(
+                'server certificate for "localhost" does not match host name "db.internal"'
+            ),
+            "the server's certificate is not valid for host 'db.internal' (sslmode=verify-full "
+            "checks the name: connect by a name the certificate has)",
+        ),
+        (  # asyncpg (Python's ssl module)
+            DriverError(
+                "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get "
+                "local issuer certificate (_ssl.c:1006)"
+            ),
+            "the server's certificate is not signed by the CA in sslrootcert",
+        ),
+        (
+            DriverError('root certificate file "/root/.postgresql/root.crt" does not exist'),
+            'root certificate file "/root/.postgresql/root.crt" does not exist: set sslrootcert '
+            "(or DB_SSLROOTCERT) to the CA's certificate",
+        ),
+        (
+            DriverError('PostgreSQL server at "db.internal:5432" rejected SSL upgrade'),
+            "the server does not offer TLS, and sslmode requires it",
+        ),
+    ],
+)
+def test_tls_failures_in_the_same_words_for_both_drivers(error: Exception, cause: str) -> None:
+    """What tests/test_tls.py produces against a real TLS server, here without one."""
+    wrapped = InterfaceError("connect", None, error)
+    assert describe_failure(URL_WITH_SECRET, wrapped) == (
+        f"cannot connect to db.internal:5432/shop: {cause}"
     )

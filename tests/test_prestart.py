@@ -42,6 +42,7 @@ def test_prestart_migrates_and_seeds_once(
         databases.drop(name)
 
 
+@pytest.mark.usefixtures("password_auth")
 def test_wrong_password_fails_at_once_without_retrying(
     monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -122,6 +122,25 @@ def test_the_password_is_hidden_everywhere() -> None:
         ({"postgres_port": 70000}, "POSTGRES_PORT: Input should be less than or equal to 65535"),
         ({"db_pool_size": 0}, "DB_POOL_SIZE: Input should be greater than or equal to 1"),
         ({"db_connect_timeout": 0}, "DB_CONNECT_TIMEOUT: Input should be greater than 0"),
+        (
+            {"database_url": "postgresql://u:hunter2@h/db?sslmode=on"},
+            "DATABASE_URL: sslmode must be disable, allow, prefer, require, verify-ca or "
+            "verify-full",
+        ),
+        (
+            {"database_url": "postgresql://u:hunter2@h/db?ssl=true"},
+            "DATABASE_URL: unknown parameter 'ssl'; use host, sslmode, sslrootcert, sslcert or "
+            "sslkey",
+        ),
+        (
+            {"database_url": "postgresql://u:hunter2@h/db?x%0Ay=hunter2"},
+            "DATABASE_URL: unknown parameter; use host, sslmode,",
+        ),
+        (
+            {"database_url": "postgresql://u:hunter2@h/db?sslmode=require&sslmode=disable"},
+            "DATABASE_URL: sslmode given more than once",
+        ),
+        ({"db_sslmode": "verify_full"}, "DB_SSLMODE: Input should be 'disable', 'allow'"),
     ],
 )
 def test_bad_settings_give_one_line_without_the_password(
@@ -155,3 +174,38 @@ def test_settings_are_frozen() -> None:
     settings = get_settings()
     with pytest.raises(ValidationError):
         settings.db_pool_size = 1  # type: ignore[misc]
+
+
+PROVIDER_URL = "postgres://shop:hunter2@db.example.com:5432/shop?sslmode=require"
+
+
+def test_a_provider_url_with_sslmode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heroku, Render, Neon: `?sslmode=require`. The TLS parameters travel as connection
+    arguments (see `connect_args`), so the URL handed to SQLAlchemy has none left."""
+    monkeypatch.setenv("DATABASE_URL", PROVIDER_URL)
+    settings = get_settings()
+    assert settings.tls == {"sslmode": "require"}
+    assert str(settings.url) == "postgresql+asyncpg://shop:***@db.example.com:5432/shop"
+
+
+def test_tls_settings_for_the_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_SSLMODE", "verify-full")
+    monkeypatch.setenv("DB_SSLROOTCERT", "/etc/ssl/certs/db-ca.pem")
+    monkeypatch.setenv("DB_SSLCERT", "/run/secrets/client.crt")
+    monkeypatch.setenv("DB_SSLKEY", "/run/secrets/client.key")
+    assert get_settings().tls == {
+        "sslmode": "verify-full",
+        "sslrootcert": "/etc/ssl/certs/db-ca.pem",
+        "sslcert": "/run/secrets/client.crt",
+        "sslkey": "/run/secrets/client.key",
+    }
+    # With DATABASE_URL they fill in what its query does not say, as PGSSLMODE does for libpq.
+    monkeypatch.setenv("DATABASE_URL", PROVIDER_URL)
+    assert get_settings().tls["sslmode"] == "require"
+    assert get_settings().tls["sslrootcert"] == "/etc/ssl/certs/db-ca.pem"
+
+
+def test_no_tls_settings_leave_the_drivers_default() -> None:
+    assert get_settings().tls == {}
+    url = get_settings(database_url="postgresql://app@/app?host=/run/postgresql").url
+    assert url.query == {"host": "/run/postgresql"}

@@ -5,7 +5,8 @@ starts one and prints its `DATABASE_URL`. The binaries come from the `pgserver` 
 (PostgreSQL 16), or from a system installation (`pg_config --bindir`, `/usr/lib/postgresql/*/bin`).
 
 The server listens on 127.0.0.1 only, with password (SCRAM) authentication like a real one, and a
-random password that contains `@:/%#?` so every URL built from it proves its escaping. PostgreSQL
+random password that contains `@:/%#?` so every URL built from it proves its escaping (or, with
+`--auth trust`, none: any password is accepted, as on servers set up that way). PostgreSQL
 refuses to run as root, so under root it runs as an unprivileged system user.
 """
 
@@ -29,10 +30,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from sqlalchemy import URL
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+Auth = Literal["scram-sha-256", "trust"]
+AUTH_METHODS: tuple[Auth, ...] = ("scram-sha-256", "trust")
 # Fsync and WAL safety are pointless for a server that is deleted when it stops.
 _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
@@ -56,6 +60,17 @@ class Binaries:
         ).stdout
         match = re.search(r"(\d+(?:\.\d+)+)", out)
         return match.group(1) if match else out.strip()
+
+    @property
+    def supports_tls(self) -> bool:
+        """Whether the server was built with OpenSSL (pgserver's wheel is not; Debian's is)."""
+        try:
+            out = subprocess.run(  # noqa: S603 - a fixed program from a known directory
+                [str(self.bindir / "pg_config"), "--configure"], capture_output=True, text=True
+            ).stdout
+        except OSError:
+            return False
+        return any(flag in out for flag in ("--with-openssl", "--with-ssl=openssl", "ssl=openssl"))
 
 
 def find_binaries(bindir: str | os.PathLike[str] | None = None) -> Binaries:
@@ -151,16 +166,41 @@ class EmbeddedPostgres:
         password: str | None = None,
         port: int | None = None,
         base_dir: Path | None = None,
+        auth: Auth = "scram-sha-256",
+        ssl_cert_file: Path | None = None,
+        ssl_key_file: Path | None = None,
+        ssl_ca_file: Path | None = None,
     ) -> None:
         self.binaries = binaries or find_binaries()
         self.base_dir = base_dir or default_base_dir()
         self.user = user
+        # "trust" lets anyone in without a password, like the official image with
+        # POSTGRES_HOST_AUTH_METHOD=trust: for trying the suite on such a server.
+        self.auth = auth
+        # TLS (`ssl = on`) with this certificate and key; with a CA file the server also asks
+        # clients for a certificate (not required). Copied into the data directory at start.
+        if (ssl_cert_file is None) != (ssl_key_file is None):
+            raise EmbeddedPostgresError("TLS needs both ssl_cert_file and ssl_key_file")
+        if ssl_cert_file is not None and not self.binaries.supports_tls:
+            raise EmbeddedPostgresError(
+                f"TLS needs a server built with OpenSSL; {self.binaries.source} is not "
+                "(Debian's postgresql package is: pass its bin directory)"
+            )
+        self._tls_files = {
+            name: path
+            for name, path in [
+                ("ssl_cert_file", ssl_cert_file),
+                ("ssl_key_file", ssl_key_file),
+                ("ssl_ca_file", ssl_ca_file),
+            ]
+            if path is not None
+        }
         # token_urlsafe has no URL-special characters; the suffix adds the hard ones on purpose.
         self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
         self.port = port or _free_port()
         self._dir: Path | None = None
         self._owner = _unprivileged_user()
-        self._bindir = self.binaries.bindir  # where the owner can run them: set by _initdb
+        self._bindir = self.binaries.bindir  # where the owner can run them (a copy): by _initdb
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -182,7 +222,7 @@ class EmbeddedPostgres:
         return URL.create(
             f"postgresql+{driver}",
             username=self.user,
-            password=self.password,
+            password=None if self.auth == "trust" else self.password,
             host="127.0.0.1",
             port=self.port,
             database=database,
@@ -255,7 +295,7 @@ class EmbeddedPostgres:
             "-D", str(directory / "data"),
             "-U", self.user,
             "--pwfile", str(pwfile),
-            "--auth", "scram-sha-256",
+            "--auth", self.auth,
             "--encoding", "UTF8",
             "--locale", "C",
             "--no-sync",
@@ -268,8 +308,24 @@ class EmbeddedPostgres:
             f"unix_socket_directories = '{directory}'",
             *(line.replace("=", " = ") for line in _FAST_SETTINGS),
         ]
+        settings += self._install_tls_files(directory / "data")
         with (directory / "data" / "postgresql.conf").open("a") as conf:
             conf.write("\n# dblayer.embedded\n" + "\n".join(settings) + "\n")
+
+    def _install_tls_files(self, data: Path) -> list[str]:
+        """Copy the certificate files into the data directory, owned by the server's user, the
+        key readable by it alone (the server refuses to start otherwise); their settings."""
+        if not self._tls_files:
+            return []
+        settings = ["ssl = on"]
+        for name, source in self._tls_files.items():
+            target = data / f"dblayer_{name}"
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if self._owner is not None:
+                os.chown(target, self._owner.pw_uid, self._owner.pw_gid)
+            settings.append(f"{name} = '{target.name}'")  # relative to the data directory
+        return settings
 
     def _usable_bindir(self) -> Path:
         """The binaries, copied somewhere the unprivileged user can read if it cannot reach them."""
@@ -288,8 +344,9 @@ class EmbeddedPostgres:
         for path in [self.directory / "pg", *(self.directory / "pg").rglob("*")]:
             if path.is_dir():
                 path.chmod(0o755)
-        self.binaries = Binaries(copy / "bin", self.binaries.source)
-        return self.binaries.bindir
+        # `self.binaries` keeps naming the original: `stop()` deletes the copy with the directory,
+        # and the next `start()` copies again from there.
+        return copy / "bin"
 
     def _pg_ctl(self, *args: str) -> None:
         self._run(str(self._bindir / "pg_ctl"), "-D", str(self.directory / "data"), *args)
@@ -334,9 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--driver", default="asyncpg", choices=["asyncpg", "psycopg"])
     parser.add_argument("--url-file", type=Path, help="also write the URL to this file")
+    parser.add_argument(
+        "--auth",
+        default="scram-sha-256",
+        choices=AUTH_METHODS,
+        help="client authentication (default: scram-sha-256; trust: no password asked)",
+    )
     args = parser.parse_args(argv)
 
-    server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port)
+    server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port, auth=args.auth)
     stopped = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in _STOP_SIGNALS}
     try:

@@ -8,7 +8,9 @@ cause, in the same words for asyncpg and psycopg, and never the password.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
+from urllib.parse import urlencode
 from uuid import uuid4
 
 from sqlalchemy import URL, text
@@ -33,13 +35,21 @@ class DatabaseUnavailableError(RuntimeError):
 # --8<-- [start:connect_args]
 def connect_args(settings: Settings) -> dict[str, Any]:
     """Driver-specific connection arguments: the two drivers spell the same options differently."""
+    tls = settings.tls  # libpq's sslmode, sslrootcert, sslcert, sslkey: those that are set
     if settings.driver == "psycopg":
         # libpq counts whole seconds and treats anything below 2 as 2.
         args: dict[str, Any] = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
+        args |= tls  # libpq's own parameters, as they are
         if settings.db_external_pooler:
             args["prepare_threshold"] = None  # never prepare: the next transaction may be elsewhere
         return args
     args = {"timeout": settings.db_connect_timeout}
+    if "sslmode" in tls:
+        args["ssl"] = tls.pop("sslmode")  # asyncpg takes libpq's modes, with libpq's meaning
+    if tls:
+        # ... but reads the certificate files only from a DSN; the URL's host, user and database
+        # still apply, since keyword arguments override what a DSN says.
+        args["dsn"] = f"postgresql://?{urlencode(tls)}"
     if settings.db_external_pooler:
         args |= {
             "statement_cache_size": 0,  # asyncpg's own cache of prepared statements
@@ -125,6 +135,8 @@ def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
     lowered = message.lower()
     if "password authentication failed" in lowered:
         return f"password authentication failed for user {url.username!r}", False
+    if (tls := _tls_cause(url, message)) is not None:
+        return tls, False  # a certificate or TLS set-up does not fix itself by waiting
     if "does not exist" in lowered and "database" in lowered:
         return f"database {url.database!r} does not exist", False
     if "role" in lowered and "does not exist" in lowered:
@@ -139,6 +151,27 @@ def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, InterfaceError | DBAPIError):
         return _first_line(message, url), True
     return _first_line(f"{type(original).__name__}: {original}", url), True
+
+
+def _tls_cause(url: URL, message: str) -> str | None:
+    """TLS failures in the same words for both drivers (asyncpg's are Python's ssl module's)."""
+    lowered = message.lower()
+    if "does not match host name" in lowered or "mismatch, certificate is not valid" in lowered:
+        return (
+            f"the server's certificate is not valid for host {url.host!r} (sslmode=verify-full "
+            "checks the name: connect by a name the certificate has)"
+        )
+    if "certificate verify failed" in lowered:
+        return "the server's certificate is not signed by the CA in sslrootcert"
+    missing = re.search(r'root certificate file "([^"]*)" does not exist', message)
+    if missing:
+        return (
+            f'root certificate file "{missing.group(1)}" does not exist: set sslrootcert '
+            "(or DB_SSLROOTCERT) to the CA's certificate"
+        )
+    if "rejected ssl upgrade" in lowered or "server does not support ssl" in lowered:
+        return "the server does not offer TLS, and sslmode requires it"
+    return None
 
 
 def _first_line(message: str, url: URL) -> str:

@@ -5,13 +5,18 @@ Two ways to say where the database is, as twelve-factor apps and container platf
 * `DATABASE_URL`, one string (`postgresql://user:password@host:5432/dbname`), or
 * `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_USER`, `POSTGRES_PASSWORD`, `POSTGRES_DB`.
 
+TLS is said the way libpq says it, in the URL's query (`?sslmode=require`, as providers hand it
+out) or as `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_SSLCERT`, `DB_SSLKEY`; the engine passes it to each
+driver in that driver's own terms (see `engine.connect_args`).
+
 The URL handed to SQLAlchemy is always built with `sqlalchemy.URL.create`, so a password such as
 `p@ss:w/rd%20#?` needs no escaping by hand. Errors name the setting and the fix, never the password.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +29,13 @@ DRIVERS: tuple[Driver, ...] = ("asyncpg", "psycopg")
 # `postgresql://` and `postgres://` (Heroku, compose files) mean "the configured driver".
 _SCHEMES = {"postgresql", "postgres"} | {f"postgresql+{d}" for d in DRIVERS}
 # --8<-- [end:drivers]
+
+# --8<-- [start:tls]
+SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+SSL_MODES: tuple[SSLMode, ...] = get_args(SSLMode)
+# libpq's TLS parameters, as providers write them in DATABASE_URL (`?sslmode=require`).
+TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+# --8<-- [end:tls]
 
 
 class SettingsError(ValueError):
@@ -55,6 +67,11 @@ class Settings(BaseSettings):
     db_hide_parameters: bool = True  # keep bound values (a password hash, an email) out of logs
     # and error messages; set false while debugging
     db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
+    # TLS in libpq's words; DATABASE_URL's own ?sslmode=... wins, as over PGSSLMODE in libpq.
+    db_sslmode: SSLMode | None = None  # unset: the drivers' default, prefer
+    db_sslrootcert: str | None = None  # the CA file that verify-ca and verify-full check against
+    db_sslcert: str | None = None  # a client certificate, for servers that ask for one
+    db_sslkey: str | None = None  # its private key (mode 0600)
     # --8<-- [start:pool_settings]
     db_pool_size: Annotated[int, Field(ge=1)] = 5  # connections kept open
     db_max_overflow: int = 10  # extra connections under load, closed when returned
@@ -100,7 +117,10 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             url = _parse_database_url(self.database_url.get_secret_value())
             driver = url.get_driver_name() if "+" in url.drivername else self.database_driver
-            return url.set(drivername=f"postgresql+{driver}")
+            # TLS goes to the driver as connection arguments (asyncpg takes no `sslmode`).
+            return url.set(drivername=f"postgresql+{driver}").difference_update_query(
+                TLS_PARAMETERS
+            )
         return URL.create(
             drivername=f"postgresql+{self.database_driver}",
             username=self.postgres_user,
@@ -110,6 +130,17 @@ class Settings(BaseSettings):
             database=self.postgres_db,
         )
         # --8<-- [end:url]
+
+    # --8<-- [start:tls_property]
+    @property
+    def tls(self) -> dict[str, str]:
+        """libpq's TLS parameters: DATABASE_URL's query first, then `DB_SSLMODE` and the others."""
+        given = {name: getattr(self, f"db_{name}") for name in TLS_PARAMETERS}
+        if self.database_url is not None:
+            query = _parse_database_url(self.database_url.get_secret_value()).query
+            given |= {name: query[name] for name in TLS_PARAMETERS if name in query}
+        return {name: str(value) for name, value in given.items() if value is not None}
+        # --8<-- [end:tls_property]
 
     @property
     def driver(self) -> Driver:
@@ -141,7 +172,22 @@ def _parse_database_url(raw: str) -> URL:
         raise ValueError("no host; expected postgresql://user:password@host:5432/dbname")
     if not url.database:
         raise ValueError("no database name; add /dbname after the host")
+    _check_query(url)
     return url
+
+
+def _check_query(url: URL) -> None:
+    """Only `host` (a Unix socket) and libpq's TLS parameters: anything else would reach the
+    driver as a keyword argument it does not take. A name is quoted only if it looks like one."""
+    for name, value in url.query.items():
+        if name != "host" and name not in TLS_PARAMETERS:
+            quoted = f" {name!r}" if re.fullmatch(r"\w{1,40}", name) else ""
+            supported = ", ".join(("host", *TLS_PARAMETERS[:-1]))
+            raise ValueError(f"unknown parameter{quoted}; use {supported} or {TLS_PARAMETERS[-1]}")
+        if name in TLS_PARAMETERS and not isinstance(value, str):
+            raise ValueError(f"{name} given more than once")
+    if url.query.get("sslmode", "prefer") not in SSL_MODES:
+        raise ValueError(f"sslmode must be {', '.join(SSL_MODES[:-1])} or {SSL_MODES[-1]}")
 
 
 # --8<-- [start:get_settings]
