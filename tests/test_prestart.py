@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dblayer import prestart
 from dblayer.embedded import EmbeddedPostgres, find_binaries
 from dblayer.engine import DatabaseUnavailableError, create_engine
+from dblayer.migrate import head_revision
 from dblayer.repositories import TaskRepository
 from dblayer.services import UserService
 from dblayer.session import session_scope
@@ -33,7 +34,7 @@ def test_prestart_migrates_and_seeds_once(
         monkeypatch.setenv("DATABASE_URL", url)
         assert prestart.main([]) == 0
         first = capsys.readouterr().out.splitlines()
-        assert first[1:] == ["migrations: at head (0002)", "seed: created (3 tasks)"]
+        assert first[1:] == [f"migrations: at head ({head_revision()})", "seed: created (3 tasks)"]
         assert first[0].startswith("database: PostgreSQL 1")
         assert prestart.main([]) == 0  # idempotent
         second = capsys.readouterr().out.splitlines()
