@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import (
     Column,
+    ColumnClause,
     Enum,
     ForeignKey,
     Integer,
@@ -34,7 +36,7 @@ from sqlalchemy.orm import (
     selectinload,
 )
 
-from dblayer.models import Base, SoftDeleteMixin, Task, TaskStatus, User, UserRole
+from dblayer.models import Base, SoftDeleteMixin, Task, TaskStatus, User, UserRole, mixins
 from dblayer.models.diagram import er_diagram
 from dblayer.models.mixins import _involves_soft_delete
 
@@ -220,6 +222,43 @@ async def test_soft_deleted_users_stay_hidden_behind_tasks(session: AsyncSession
     assert await task.awaitable_attrs.user is None  # the lazy load is filtered too
     included = select(Task.title).join(Task.user).execution_options(include_deleted=True)
     assert len((await session.scalars(included)).all()) == 2
+
+
+async def test_a_statement_built_per_call_is_looked_into_once_per_shape(
+    session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries built anew on every call (most of them) cost a cache-key lookup, not a walk over
+    the statement; a statement SQLAlchemy cannot cache is walked every time, and still filtered."""
+    ada, grace = user(), user("grace")
+    session.add_all([ada, grace])
+    await session.commit()
+    grace.soft_delete()
+    await session.commit()
+    walks: list[object] = []
+    monkeypatch.setattr(mixins, "_involves_soft_delete", spy(walks, mixins._involves_soft_delete))
+    monkeypatch.setattr(mixins, "_INVOLVES", {})
+    for name in ["ada", "grace", "ada"]:
+        await session.scalar(select(Task.title).where(Task.title == name))
+        await session.scalar(select(User.username).where(User.username == name))
+    assert len(walks) == 2  # one per shape
+
+    class Uncached(ColumnClause[bool]):
+        inherit_cache = False  # SQLAlchemy compiles it every time, with no cache key
+
+    found = select(User.username).where(Uncached("true", is_literal=True)).order_by(User.username)
+    assert (await session.scalars(found)).all() == ["ada"]
+    assert len(walks) == 3
+    monkeypatch.setattr(mixins, "_INVOLVES_MAX", 1)  # full: forgotten, then relearned
+    assert await session.scalar(select(User.email).where(User.username == "grace")) is None
+    assert len(mixins._INVOLVES) == 1
+
+
+def spy(calls: list[object], function: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def wrapper(statement: Any) -> bool:
+        calls.append(statement)
+        return function(statement)
+
+    return wrapper
 
 
 def test_a_model_that_eagerly_joins_a_soft_delete_model_is_filtered() -> None:

@@ -74,6 +74,10 @@ _HIDE_DELETED = with_loader_criteria(
 # statement -> its rewritten copy, or None when it touches no soft-delete model. Weak keys: an
 # entry lives as long as the statement, so a prebuilt one is looked at once, not per execution.
 _REWRITTEN: WeakKeyDictionary[Executable, Executable | None] = WeakKeyDictionary()
+# A statement built anew per call is looked at once per shape: by its cache key, which
+# SQLAlchemy computes for the execution anyway (and keeps on the statement).
+_INVOLVES: dict[Any, bool] = {}
+_INVOLVES_MAX = 1000  # shapes remembered; then forgotten all at once and relearned
 
 
 @event.listens_for(Session, "do_orm_execute")
@@ -92,11 +96,24 @@ def _hide_deleted(state: ORMExecuteState) -> None:
     try:
         rewritten = _REWRITTEN[statement]
     except KeyError:
-        rewritten = statement.options(_HIDE_DELETED) if _involves_soft_delete(statement) else None
+        rewritten = statement.options(_HIDE_DELETED) if _involves(statement) else None
         _REWRITTEN[statement] = rewritten
     if rewritten is not None:
         state.statement = rewritten
         # --8<-- [end:soft_delete]
+
+
+def _involves(statement: Executable) -> bool:
+    """`_involves_soft_delete`, remembered per cache key: equal keys mean the same SQL."""
+    cache_key = statement._generate_cache_key()  # type: ignore[attr-defined]
+    if cache_key is None:  # a statement SQLAlchemy does not cache: look at it every time
+        return _involves_soft_delete(statement)
+    involves = _INVOLVES.get(cache_key.key)
+    if involves is None:
+        if len(_INVOLVES) >= _INVOLVES_MAX:
+            _INVOLVES.clear()
+        involves = _INVOLVES[cache_key.key] = _involves_soft_delete(statement)
+    return involves
 
 
 def _involves_soft_delete(statement: Executable) -> bool:
