@@ -42,8 +42,6 @@ _NORMALISE = [
     (re.compile(r"PostgreSQL \d+(?:\.\d+)*(?: \([^)]*\))?"), "PostgreSQL <version>"),
     (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s)\b"), "<duration>"),
     (re.compile(r"(?:/tmp|/dev/shm)/[\w./-]+"), "<tmp>"),
-    # pytest-examples names a block's module after its page and lines: `pooling_391_420.py`.
-    (re.compile(r"\b[a-z-]+_\d+_\d+\.py:\d+"), "<block>.py:<line>"),
     (re.compile(r"127\.0\.0\.1:(?!1\b)\d+"), "127.0.0.1:<port>"),  # port 1 is the refused one
 ]
 

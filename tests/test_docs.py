@@ -47,6 +47,10 @@ extend-select = ["I", "UP", "B"]
 [lint.isort]
 known-first-party = ["dblayer"]
 """
+# The file a Python block is run from, and a console block's working directory as its output
+# shows them: what a reader who saved the block and ran it in their checkout would see.
+BLOCK_FILE = "main.py"
+READER_PROJECT = "/home/you/project"
 PYTHON_BLOCKS, INCLUDES = python_blocks()
 CONSOLE_BLOCKS = list(find_console_blocks())
 
@@ -104,6 +108,25 @@ def test_diagrams_have_no_html_line_breaks() -> None:
             assert "<br" not in diagram, f"{page.name}: a mermaid label uses <br>"
 
 
+# What only this harness prints: pytest-examples' module names (`pooling_536_567.py`), pytest's
+# temporary directories and test names. A reader's run shows their own file and directory.
+_HARNESS_TRACES = re.compile(
+    r"\b[a-z-]+_\d+_\d+\.py\b|pytest-of-|/pytest-\d+/|\btest_(?:python|console)_block|popen-gw\d"
+)
+
+
+def test_no_page_shows_the_harness_files() -> None:
+    """Printed output on a page (`#>` lines, console output, included tables) reads as the
+    reader's own run would: `main.py`, their project's directory, never the harness's."""
+    found = [
+        f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+        for page in sorted(DOCS.rglob("*.md"))
+        for number, line in enumerate(page.read_text("utf-8").splitlines(), start=1)
+        if _HARNESS_TRACES.search(line)
+    ]
+    assert found == []
+
+
 def test_the_er_diagram_matches_the_models(request: pytest.FixtureRequest) -> None:
     """The ORM page's diagram is what `python -m dblayer.models.diagram` renders now."""
     page = DOCS / "orm.md"
@@ -152,9 +175,18 @@ def test_python_block(
         else:
             eval_example.lint_ruff(example)
         _ruff_format(example, eval_example, update)
+    script = eval_example.tmp_path / BLOCK_FILE
+
+    def write_as_main(example: CodeExample) -> Path:
+        """pytest-examples names the file after the page and lines (`pooling_536_567.py`), and
+        that name shows in tracebacks and in anything that prints where code is."""
+        script.write_text(example.source)
+        return script
+
+    monkeypatch.setattr(eval_example, "_write_file", write_as_main)
     module: dict[str, object] = {"__name__": "__main__"}
     with _interrupts_stop_the_run(), _warnings_as_a_script_sees_them():
-        _run_block(eval_example, example, module, update, driver == primary)
+        _run_block(eval_example, example, module, update, driver == primary, script)
 
 
 @contextlib.contextmanager
@@ -205,6 +237,7 @@ def _run_block(
     module: dict[str, object],
     update: bool,
     primary: bool,
+    script: Path,
 ) -> None:
     failure = None
     try:
@@ -217,7 +250,7 @@ def _run_block(
     except pytest.fail.Exception:
         raise
     except Exception as exc:
-        failure = _describe_block_error(example, exc)
+        failure = _describe_block_error(example, exc, script)
     if failure:  # raised outside the `except`, so the unrenderable traceback is not chained on
         pytest.fail(failure, pytrace=False)
 
@@ -249,7 +282,7 @@ def _run_printing(
     return printed, None
 
 
-def _describe_block_error(example: CodeExample, exc: Exception) -> str:
+def _describe_block_error(example: CodeExample, exc: Exception, script: Path) -> str:
     """The error and the block's own frames, with page line numbers.
 
     pytest-examples points the traceback at the page, which pytest cannot render on Python 3.11
@@ -259,7 +292,7 @@ def _describe_block_error(example: CodeExample, exc: Exception) -> str:
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if code.co_filename.endswith(f"{example.module_name}.py"):
+        if code.co_filename == str(script):
             lines.append(
                 f"  {example.path.name}:{example.start_line + tb.tb_lineno} in {code.co_name}"
             )
@@ -332,7 +365,8 @@ def test_console_block(
             text=True,
             timeout=120,
         )
-        output = result.stdout.rstrip()
+        # The scratch checkout's path, as in a reader's own checkout (alembic prints absolute ones).
+        output = result.stdout.rstrip().replace(str(tmp_path), READER_PROJECT)
         outputs.append(output)
         if request.config.getoption("update_examples"):
             continue

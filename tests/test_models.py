@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import (
     Column,
+    ColumnClause,
     Enum,
     ForeignKey,
     Integer,
@@ -16,16 +18,27 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    bindparam,
+    event,
     exc,
     func,
     select,
     text,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    configure_mappers,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+)
 
-from dblayer.models import Base, Task, TaskStatus, User, UserRole
+from dblayer.models import Base, SoftDeleteMixin, Task, TaskStatus, User, UserRole, mixins
 from dblayer.models.diagram import er_diagram
+from dblayer.models.mixins import _involves_soft_delete
 
 
 @pytest.fixture
@@ -141,6 +154,144 @@ async def test_soft_delete_hides_rows_and_relationships(session: AsyncSession) -
     await session.commit()
     assert (restored.is_deleted, restored.deleted_at) == (False, None)
     assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+def executed_statements(session: AsyncSession) -> list[object]:
+    """The statements the session runs, as they are after the soft-delete hook (a listener on the
+    instance runs after the class-level one)."""
+    seen: list[object] = []
+    event.listen(session.sync_session, "do_orm_execute", lambda state: seen.append(state.statement))
+    return seen
+
+
+async def test_the_soft_delete_hook_leaves_other_selects_untouched(session: AsyncSession) -> None:
+    """A SELECT that touches no soft-delete model runs as it was built: a prebuilt statement keeps
+    its memoized cache key instead of being copied (and its key rebuilt) on every execution."""
+    ada = user(tasks=[Task(title="one")])
+    session.add(ada)
+    await session.commit()
+    seen = executed_statements(session)
+    by_id = select(Task).where(Task.id == bindparam("id"))
+    for _ in range(2):
+        assert await session.scalar(by_id, {"id": ada.tasks[0].id}) is not None
+    assert seen == [by_id, by_id]
+    listing = select(Task.title).order_by(Task.title)
+    assert (await session.scalars(listing)).all() == ["one"]
+    assert seen[-1] is listing
+
+
+async def test_a_soft_delete_select_is_rewritten_once(session: AsyncSession) -> None:
+    """The same statement object run twice gets the same rewritten statement, so its cache key
+    is built once (the repository's prebuilt `get`)."""
+    session.add(user())
+    await session.commit()
+    seen = executed_statements(session)
+    by_name = select(User).where(User.username == bindparam("name"))
+    for _ in range(2):
+        assert await session.scalar(by_name, {"name": "ada"}) is not None
+    assert seen[0] is not by_name
+    assert seen[0] is seen[1]
+
+
+async def test_soft_deleted_users_stay_hidden_behind_tasks(session: AsyncSession) -> None:
+    """Through every path from a task to its user: joins, EXISTS, eager and lazy loads."""
+    ada = user(tasks=[Task(title="ada's")])
+    grace = user("grace", tasks=[Task(title="grace's")])
+    session.add_all([ada, grace])
+    await session.commit()
+    grace.soft_delete()
+    await session.commit()
+    session.expunge_all()
+
+    joined = select(Task.title).join(Task.user).order_by(Task.title)
+    assert (await session.scalars(joined)).all() == ["ada's"]
+    explicit = select(Task.title).join(User, Task.user_id == User.id)
+    assert (await session.scalars(explicit)).all() == ["ada's"]
+    users_of = select(User.username).join(User.tasks).where(Task.title == "grace's")
+    assert (await session.scalars(users_of)).all() == []
+    for load in (selectinload(Task.user), joinedload(Task.user)):
+        session.expunge_all()
+        tasks = (await session.scalars(select(Task).options(load).order_by(Task.title))).all()
+        assert [(t.title, t.user is not None) for t in tasks] == [
+            ("ada's", True),
+            ("grace's", False),
+        ]
+    session.expunge_all()
+    task = await session.scalar(select(Task).where(Task.title == "grace's"))
+    assert task is not None
+    assert await task.awaitable_attrs.user is None  # the lazy load is filtered too
+    included = select(Task.title).join(Task.user).execution_options(include_deleted=True)
+    assert len((await session.scalars(included)).all()) == 2
+
+
+async def test_a_statement_built_per_call_is_looked_into_once_per_shape(
+    session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries built anew on every call (most of them) cost a cache-key lookup, not a walk over
+    the statement; a statement SQLAlchemy cannot cache is walked every time, and still filtered."""
+    ada, grace = user(), user("grace")
+    session.add_all([ada, grace])
+    await session.commit()
+    grace.soft_delete()
+    await session.commit()
+    walks: list[object] = []
+    monkeypatch.setattr(mixins, "_involves_soft_delete", spy(walks, mixins._involves_soft_delete))
+    monkeypatch.setattr(mixins, "_INVOLVES", {})
+    for name in ["ada", "grace", "ada"]:
+        await session.scalar(select(Task.title).where(Task.title == name))
+        await session.scalar(select(User.username).where(User.username == name))
+    assert len(walks) == 2  # one per shape
+
+    class Uncached(ColumnClause[bool]):
+        inherit_cache = False  # SQLAlchemy compiles it every time, with no cache key
+
+    found = select(User.username).where(Uncached("true", is_literal=True)).order_by(User.username)
+    assert (await session.scalars(found)).all() == ["ada"]
+    assert len(walks) == 3
+    monkeypatch.setattr(mixins, "_INVOLVES_MAX", 1)  # full: forgotten, then relearned
+    assert await session.scalar(select(User.email).where(User.username == "grace")) is None
+    assert len(mixins._INVOLVES) == 1
+
+
+def spy(calls: list[object], function: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def wrapper(statement: Any) -> bool:
+        calls.append(statement)
+        return function(statement)
+
+    return wrapper
+
+
+def test_a_model_that_eagerly_joins_a_soft_delete_model_is_filtered() -> None:
+    """`lazy="joined"` adds the join at compile time, where the statement does not show it."""
+
+    class Scratch(DeclarativeBase):
+        pass
+
+    class Owner(SoftDeleteMixin, Scratch):
+        __tablename__ = "owners"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Pet(Scratch):
+        __tablename__ = "pets"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"))
+        owner: Mapped[Owner] = relationship(lazy="joined")
+
+    class Left(Scratch):  # two models that join each other eagerly, and no soft delete
+        __tablename__ = "lefts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        right_id: Mapped[int] = mapped_column(ForeignKey("rights.id"))
+        right: Mapped[Right] = relationship(lazy="joined", foreign_keys=[right_id])
+
+    class Right(Scratch):
+        __tablename__ = "rights"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        left_id: Mapped[int] = mapped_column(ForeignKey("lefts.id"))
+        left: Mapped[Left] = relationship(lazy="joined", foreign_keys=[left_id])
+
+    configure_mappers()
+    assert _involves_soft_delete(select(Pet))
+    assert not _involves_soft_delete(select(Left))
 
 
 async def test_unique_among_live_rows(session: AsyncSession) -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dblayer.models import Task, TaskStatus, User
 from dblayer.repositories import InvalidQueryError, Page, Repository, TaskRepository, UserRepository
+from dblayer.repositories.base import _encode_payload, default_cursor_secret
 from dblayer.session import session_scope
+from dblayer.settings import SettingsError, get_settings
 
 
 @pytest.fixture
@@ -139,21 +143,91 @@ async def test_refused_queries(
         await TaskRepository(session).get_multi(**query)  # type: ignore[arg-type]
 
 
-def cursor_of(*payload: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+def edited(cursor: str, edit: Callable[[list[object]], None]) -> str:
+    """The cursor with its payload changed and re-encoded: well-formed, but not what was issued."""
+    payload, dot, signature = cursor.partition(".")
+    values = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    edit(values)
+    encoded = base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+    return encoded + dot + signature
 
 
-async def test_tampered_cursors_are_refused(session: AsyncSession) -> None:
+async def test_an_edited_cursor_is_refused(session: AsyncSession) -> None:
+    """A client that edits the cursor's value (to skip ahead, or probe) is refused."""
+    tasks = TaskRepository(session)
+    await make_tasks(session, await make_user(session), ["a", "b", "c", "d"])
+    page = await tasks.get_multi(sort="title", limit=1)
+    assert page.next_cursor is not None
+
+    def skip_ahead(values: list[object]) -> None:
+        values[1] = "c"
+
+    with pytest.raises(InvalidQueryError, match="invalid cursor"):
+        await tasks.get_multi(sort="title", limit=1, cursor=edited(page.next_cursor, skip_ahead))
+    following = await tasks.get_multi(sort="title", limit=1, cursor=page.next_cursor)
+    assert [t.title for t in following.items] == ["b"]  # the cursor as issued still pages
+
+
+async def test_a_cursor_signed_with_another_secret_is_refused(session: AsyncSession) -> None:
+    await make_tasks(session, await make_user(session), ["a", "b", "c"])
+    ours, theirs = SecretStr("one deployment's secret"), SecretStr("another deployment's")
+    page = await TaskRepository(session, cursor_secret=ours).get_multi(sort="title", limit=1)
+    assert page.next_cursor is not None
+    with pytest.raises(InvalidQueryError, match="invalid cursor"):
+        await TaskRepository(session, cursor_secret=theirs).get_multi(
+            sort="title", limit=1, cursor=page.next_cursor
+        )
+    # Another instance of the app with the same secret accepts it.
+    other_instance = TaskRepository(session, cursor_secret=ours)
+    following = await other_instance.get_multi(sort="title", limit=1, cursor=page.next_cursor)
+    assert [t.title for t in following.items] == ["b"]
+    # A user's cursor is not a task's, even with the same sort and secret.
+    await UserRepository(session, cursor_secret=ours).create(
+        email="b@example.com", username="b", hashed_password="x"
+    )
+    users = await UserRepository(session, cursor_secret=ours).get_multi(limit=1)
+    assert users.next_cursor is not None
+    with pytest.raises(InvalidQueryError, match="invalid cursor"):
+        await other_instance.get_multi(limit=1, cursor=users.next_cursor)
+
+
+async def test_the_secret_comes_from_the_settings(
+    session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`DB_CURSOR_SECRET` is read once per process; unset, a random one is made per process."""
+    await make_tasks(session, await make_user(session), ["a", "b"])
+    secret = "s" * 32
+    monkeypatch.setenv("DB_CURSOR_SECRET", secret)
+    default_cursor_secret.cache_clear()
+    try:
+        page = await TaskRepository(session).get_multi(sort="title", limit=1)
+        assert page.next_cursor is not None
+        configured = TaskRepository(session, cursor_secret=SecretStr(secret))
+        assert (await configured.get_multi(sort="title", cursor=page.next_cursor)).items
+    finally:
+        default_cursor_secret.cache_clear()
+    monkeypatch.delenv("DB_CURSOR_SECRET")
+    assert default_cursor_secret() == default_cursor_secret()  # one per process
+    assert get_settings().db_cursor_secret is None
+    with pytest.raises(SettingsError, match="DB_CURSOR_SECRET: must be at least 32 characters"):
+        get_settings(db_cursor_secret="changeme")
+
+
+async def test_a_signed_cursor_is_still_checked(session: AsyncSession) -> None:
+    """Validly signed values are still typed: a cursor is never trusted to be SQL-safe."""
     tasks = TaskRepository(session)
     key = str(uuid.uuid4())
+    signed = partial(_encode_payload, default_cursor_secret(), "Task")
     with pytest.raises(InvalidQueryError, match="another sort order"):
-        await tasks.get_multi(sort="title", cursor=cursor_of("-title", "x", key))
+        await tasks.get_multi(sort="title", cursor=signed(["-title", "x", key]))
     with pytest.raises(InvalidQueryError, match="invalid cursor"):
-        await tasks.get_multi(sort="status", cursor=cursor_of("status", "'; DROP TABLE", key))
+        await tasks.get_multi(sort="status", cursor=signed(["status", "'; DROP TABLE", key]))
     with pytest.raises(InvalidQueryError, match="invalid cursor"):
-        await tasks.get_multi(sort="created_at", cursor=cursor_of("created_at", "yesterday", key))
+        await tasks.get_multi(sort="created_at", cursor=signed(["created_at", "yesterday", key]))
     with pytest.raises(InvalidQueryError, match="invalid cursor"):
-        await tasks.get_multi(sort="title", cursor=cursor_of("title", "x", "not-a-uuid"))
+        await tasks.get_multi(sort="title", cursor=signed(["title", "x", "not-a-uuid"]))
+    with pytest.raises(InvalidQueryError, match="invalid cursor"):
+        await tasks.get_multi(sort="title", cursor=signed(["title", "x"]))
     assert await session.scalar(text("SELECT count(*) FROM tasks")) == 0  # still there
 
 

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     db_pool_use_lifo: bool = False  # reuse the most recent connection, let idle ones time out
     db_external_pooler: bool = False  # behind PgBouncer (transaction mode): no pool of our own
     # --8<-- [end:pool_settings]
+    # Signs page cursors (HMAC-SHA256). Set it, the same on every instance and worker, in
+    # production: unset, each process makes its own, and refuses the others' cursors.
+    db_cursor_secret: SecretStr | None = None
     # --8<-- [end:settings]
 
     @field_validator("db_max_overflow")
@@ -92,6 +95,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be 0 or more; -1 (no limit) is refused, since a burst could then "
                 "exceed the server's max_connections"
+            )
+        return value
+
+    @field_validator("db_cursor_secret")
+    @classmethod
+    def _long_cursor_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "must be at least 32 characters; make one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         return value
 

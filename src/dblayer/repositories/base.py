@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
+import secrets
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import SecretStr, TypeAdapter, ValidationError
 from sqlalchemy import (
     Column,
     ColumnElement,
@@ -45,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from dblayer.models import Base, SoftDeleteMixin
+from dblayer.settings import get_settings
 
 ModelT = TypeVar("ModelT", bound=Base)
 
@@ -77,8 +80,10 @@ class Repository(Generic[ModelT]):
     copy_threshold: ClassVar[int] = 1000  # bulk_create switches to COPY from this many rows
     _by_id: ClassVar[Select[Any]]
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, *, cursor_secret: SecretStr | None = None) -> None:
+        """`cursor_secret` signs page cursors; by default `DB_CURSOR_SECRET` (see `_cursor_key`)."""
         self.session = session
+        self._secret = cursor_secret
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse a nullable sort column when the class is defined, not on a reader's request:
@@ -172,7 +177,7 @@ class Repository(Generic[ModelT]):
         pair = tuple_(key, self._pk)
         statement = self._select().where(*self._conditions(filters), *where)
         if cursor is not None:
-            value, id = _decode_cursor(cursor, sort, self.model, field)
+            value, id = _decode_cursor(self._cursor_key(), cursor, sort, self.model, field)
             after = tuple_(literal(value, key.type), literal(id, self._pk.type))
             statement = statement.where(pair < after if descending else pair > after)
         order = (key.desc(), self._pk.desc()) if descending else (key.asc(), self._pk.asc())
@@ -180,7 +185,11 @@ class Repository(Generic[ModelT]):
         rows: list[ModelT] = list(await self.session.scalars(statement))
         items, more = rows[:limit], len(rows) > limit
         last = items[-1] if more else None
-        next_cursor = _encode_cursor(sort, *_values(last, field, "id")) if last else None
+        next_cursor = None
+        if last is not None:
+            next_cursor = _encode_cursor(
+                self._cursor_key(), self.model, sort, *_values(last, field, "id")
+            )
         return Page(items, next_cursor)
         # --8<-- [end:get_multi]
 
@@ -214,6 +223,11 @@ class Repository(Generic[ModelT]):
         result = await self.session.execute(statement)
         return cast("CursorResult[Any]", result).rowcount
         # --8<-- [end:bulk]
+
+    def _cursor_key(self) -> bytes:
+        if self._secret is not None:
+            return self._secret.get_secret_value().encode()
+        return default_cursor_secret()
 
     @property
     def _pk(self) -> InstrumentedAttribute[Any]:
@@ -264,17 +278,46 @@ def _adapter(python_type: Any) -> TypeAdapter[Any]:
 
 
 # --8<-- [start:cursor]
-def _encode_cursor(sort: str, value: object, id: uuid.UUID) -> str:
-    """An opaque, URL-safe token: the sort it belongs to and the last row's (value, id)."""
+@cache
+def default_cursor_secret() -> bytes:
+    """`DB_CURSOR_SECRET`, read once per process; unset, a random key for this process only.
+
+    The random default suits one process (a script, the tests). Several instances of an app, or
+    several workers of one server, must share the setting to accept each other's cursors; with the
+    default, each refuses the others', and a restart refuses all issued before it."""
+    configured = get_settings().db_cursor_secret
+    return secrets.token_bytes(32) if configured is None else configured.get_secret_value().encode()
+
+
+def _encode_cursor(key: bytes, model: type[Base], sort: str, value: object, id: uuid.UUID) -> str:
+    """An opaque, URL-safe token: the sort it belongs to and the last row's (value, id), signed."""
     kind: Any = type(value)
     payload = [sort, _adapter(kind).dump_python(value, mode="json"), str(id)]
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    return _encode_payload(key, model.__name__, payload)
 
 
-def _decode_cursor(cursor: str, sort: str, model: type[Base], field: str) -> tuple[Any, Any]:
-    """The (value, id) pair, typed and checked; a tampered or foreign cursor is refused."""
+def _encode_payload(key: bytes, model_name: str, payload: list[Any]) -> str:
+    """`<base64url JSON>.<base64url HMAC-SHA256>`; the signature also covers the model's name."""
+    data = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    return f"{data}.{_signature(key, model_name, data)}"
+
+
+def _signature(key: bytes, model_name: str, data: str) -> str:
+    digest = hmac.digest(key, f"{model_name}.{data}".encode(), "sha256")
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _decode_cursor(
+    key: bytes, cursor: str, sort: str, model: type[Base], field: str
+) -> tuple[Any, Any]:
+    """The (value, id) pair: the signature first (an edited or foreign cursor is refused), then
+    the values, typed and checked as if they came from the client."""
+    data, _, signature = cursor.partition(".")
+    expected = _signature(key, model.__name__, data)
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise InvalidQueryError("invalid cursor")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
         cursor_sort, value, id = json.loads(raw)
         if cursor_sort != sort:
             raise InvalidQueryError("this cursor belongs to another sort order")
