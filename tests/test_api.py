@@ -8,12 +8,13 @@ from typing import Any
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from fastapi import Depends, FastAPI
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dblayer.api import create_app, get_session
-from dblayer.migrate import downgrade_to
+from dblayer.migrate import alembic_config, downgrade_to, head_revision
 from dblayer.models import User
 from dblayer.settings import Settings, get_settings
 
@@ -54,14 +55,36 @@ async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, An
 
 
 async def test_health_and_ready(client: httpx.AsyncClient, app: FastAPI) -> None:
+    head = head_revision()
     assert (await client.get("/health")).json() == {"status": "ok"}
     ready = await client.get("/ready")
-    assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "revision": "0002"}
-    await downgrade_to(app.state.engine, "0001")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "revision": head})
+
+
+async def test_ready_when_the_database_is_behind(client: httpx.AsyncClient, app: FastAPI) -> None:
+    head = head_revision()
+    assert head is not None
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(head).down_revision
+    assert isinstance(previous, str)
+    await downgrade_to(app.state.engine, previous)
     ready = await client.get("/ready")
     assert ready.status_code == 503
-    assert ready.json()["status"] == "migrations pending: at 0001, head is 0002"
+    assert ready.json() == {
+        "status": f"migrations pending: at {previous}, head is {head}",
+        "revision": previous,
+    }
+
+
+async def test_ready_when_the_database_is_ahead(client: httpx.AsyncClient, app: FastAPI) -> None:
+    """A newer release migrated (rolling deploy, rollback): this code's head is applied, so an
+    instance of the older release stays in rotation."""
+    async with app.state.engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeedbeef'"))
+    ready = await client.get("/ready")
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"status": "ready", "revision": "f00dfeedbeef"},
+    )
 
 
 async def test_users(client: httpx.AsyncClient) -> None:
