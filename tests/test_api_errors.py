@@ -36,13 +36,13 @@ async def silent_port() -> AsyncIterator[int]:
 
 def broken(url: URL, how: str, silent_port: int) -> URL:
     """`url` (a database that exists) with one part changed so that connecting fails."""
-    changes: dict[str, object] = {
-        "refused": {"port": 1},
-        "silent": {"port": silent_port},
-        "password": {"password": "hunter2"},
-        "database": {"database": "no_such_database"},
-    }[how]
-    return url.set(**changes)
+    if how == "refused":
+        return url.set(port=1)
+    if how == "silent":
+        return url.set(port=silent_port)
+    if how == "password":
+        return url.set(password="hunter2")
+    return url.set(database="no_such_database")
 
 
 CAUSES = {

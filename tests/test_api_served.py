@@ -162,15 +162,17 @@ def test_the_app_is_not_served_when_prestart_fails(
     assert "Uvicorn running" not in out + err
 
 
+def read_config() -> str:
+    """A dependency that fails for a reason that has nothing to do with the database."""
+    return Path("/nonexistent/config.toml").read_text()
+
+
 async def test_a_plain_oserror_is_a_500_logged_with_its_traceback(
     database_url: URL, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Not every OSError is the database: a file a route or a dependency cannot read is a bug (or
     another outage), answered 500 and logged by the server with its traceback, not a 503."""
     app = create_app(get_settings(database_url=database_url.render_as_string(hide_password=False)))
-
-    def read_config() -> str:
-        return Path("/nonexistent/config.toml").read_text()
 
     @app.get("/report")
     def report() -> dict[str, str]:  # a plain def: FastAPI runs it in a thread

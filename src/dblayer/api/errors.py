@@ -31,8 +31,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidStateError, _answer(status.HTTP_409_CONFLICT))
     app.add_exception_handler(InvalidQueryError, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
     app.add_exception_handler(exc.TimeoutError, _unavailable)  # no pooled connection in time
-    app.add_exception_handler(DatabaseUnavailableError, _unavailable)
-    app.add_exception_handler(OSError, _unavailable)  # connection refused, reset, unreachable
+    app.add_exception_handler(DatabaseUnavailableError, _unavailable)  # classified on connect
     app.add_exception_handler(exc.DBAPIError, _database_error)
 
 
@@ -59,6 +58,8 @@ async def _unavailable(request: Request, error: Exception) -> JSONResponse:
     """503 with Retry-After: the request was fine, the database was not there for it."""
     if isinstance(error, exc.TimeoutError):
         reason = "no database connection free in time"
+    elif isinstance(error, DatabaseUnavailableError):
+        reason = str(error)
     else:
         reason = describe_failure(request.app.state.engine.url, error)
     logger.warning("503 for %s %s: %s", request.method, request.url.path, reason)
@@ -73,10 +74,9 @@ async def _database_error(request: Request, error: Exception) -> JSONResponse:
     """Classify by SQLSTATE (the same for both drivers), not by the driver's exception class."""
     assert isinstance(error, exc.DBAPIError)
     sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
-    lost = error.connection_invalidated or sqlstate.startswith(("08", "57P"))
-    # No SQLSTATE on an operational error: the driver failed to connect, the server said nothing.
-    unreachable = not sqlstate and isinstance(error, exc.OperationalError | exc.InterfaceError)
-    if lost or unreachable:
+    # Failing to connect is classified on connect (DatabaseUnavailableError); here, a connection
+    # lost mid-request (SQLAlchemy noticed) or ended by the server (08, 57P: shutdown, terminate).
+    if error.connection_invalidated or sqlstate.startswith(("08", "57P")):
         return await _unavailable(request, error)
     if sqlstate.startswith("23"):  # integrity: unique, foreign key, check, not null
         detail = "conflicts with existing data"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from sqlalchemy.exc import DBAPIError
 
+from dblayer.engine import DatabaseUnavailableError
 from dblayer.migrate import current_revision, head_is_applied, head_revision
 
 router = APIRouter(tags=["health"])
@@ -25,7 +26,7 @@ async def ready(request: Request, response: Response) -> dict[str, str | None]:
     a rolling deploy or a rollback would take every instance of the older release out."""
     try:
         current = await current_revision(request.app.state.engine)  # one connection, one query
-    except (DBAPIError, OSError, TimeoutError):
+    except (DatabaseUnavailableError, DBAPIError):
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "database unavailable", "revision": None}
     if not head_is_applied(current):
