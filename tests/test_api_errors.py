@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import URL
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from dblayer.api import create_app
 from dblayer.engine import DatabaseUnavailableError, create_engine
@@ -51,6 +53,20 @@ CAUSES = {
     "password": "password authentication failed for user 'postgres'",
     "database": "database 'no_such_database' does not exist",
 }
+
+
+async def test_what_sqlalchemy_alone_raises_on_a_refused_connect(database_url: URL) -> None:
+    """Why the engine classifies: without it, asyncpg's failure is a bare OSError (SQLAlchemy
+    wraps only the driver's own errors), psycopg's an OperationalError."""
+    engine = create_async_engine(database_url.set(port=1))
+    try:
+        with pytest.raises((OSError, OperationalError)) as caught:
+            async with engine.connect():
+                pass  # pragma: no cover - never reached
+    finally:
+        await engine.dispose()
+    expected = ConnectionRefusedError if engine.dialect.driver == "asyncpg" else OperationalError
+    assert type(caught.value) is expected
 
 
 @pytest.mark.parametrize("how", list(CAUSES))
