@@ -309,7 +309,8 @@ async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> 
     assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD, POST")
     assert response.json() == {"detail": "Method Not Allowed"}
     undocumented = await client.post("/openapi.json")  # not in the schema: Starlette's answer
-    assert (undocumented.status_code, undocumented.headers["allow"]) == (405, "GET, HEAD")
+    assert undocumented.status_code == 405
+    assert set(undocumented.headers["allow"].split(", ")) == {"GET", "HEAD"}  # in any order
 
 
 async def test_a_cursor_for_another_sort_is_a_422_like_the_others(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, from_schema
 from schemathesis.engine.events import FatalError, NonFatalError, ScenarioFinished
 from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
+from schemathesis.python import asgi
 from schemathesis.python.asgi import shutdown_lifespans
 from sqlalchemy import URL
 
@@ -99,8 +101,16 @@ def contract_failures(app: FastAPI) -> list[str]:
 
 @pytest.fixture
 def app_on_database(database_url: URL) -> Iterator[FastAPI]:
+    threads = set(threading.enumerate())
     yield create_app(settings_for(database_url))
     shutdown_lifespans()  # the engine is disposed before the test's database is dropped
+    # Schemathesis keeps its event loop thread for the rest of the process; stop it. A signal
+    # sent to the process (test_embedded's SIGTERM) may otherwise be delivered to that thread,
+    # leaving the main thread blocked in a wait that the signal was meant to interrupt.
+    asgi._shutdown()
+    for thread in set(threading.enumerate()) - threads:
+        thread.join(timeout=10)
+    assert set(threading.enumerate()) <= threads
 
 
 def test_the_api_keeps_its_contract(app_on_database: FastAPI) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dblayer.api import create_app
-from dblayer.engine import DatabaseUnavailableError, create_engine
+from dblayer.engine import DatabaseUnavailableError, check_connection, create_engine
 from dblayer.settings import get_settings
 from tests.test_api import client_for
 
@@ -67,6 +67,16 @@ async def test_what_sqlalchemy_alone_raises_on_a_refused_connect(database_url: U
         await engine.dispose()
     expected = ConnectionRefusedError if engine.dialect.driver == "asyncpg" else OperationalError
     assert type(caught.value) is expected
+
+
+async def test_check_connection_classifies_for_any_engine(database_url: URL) -> None:
+    """An engine not made by `create_engine` (no classifying listener) still gets one error."""
+    engine = create_async_engine(database_url.set(port=1))
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="connection refused"):
+            await check_connection(engine)
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.parametrize("how", list(CAUSES))
