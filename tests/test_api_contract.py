@@ -50,9 +50,9 @@ async def issued_cursors(app: FastAPI) -> dict[str, str]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def contract_failures(app: FastAPI) -> list[str]:
+def run_contract(app: FastAPI) -> tuple[list[str], set[str]]:
     """Run every phase (examples, coverage, fuzzing, stateful) against `app` in-process; return
-    one line per failed check."""
+    one line per failed check, and the operations tested."""
     config = SchemathesisConfig.from_dict(CONFIG)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
     cursors = asyncio.run(issued_cursors(app))
@@ -80,23 +80,31 @@ def contract_failures(app: FastAPI) -> list[str]:
         events = list(from_schema(schema).execute())
     finally:
         GLOBAL_HOOK_DISPATCHER.unregister(before_call)
+    tested: set[str] = set()
     for event in events:
         if isinstance(event, FatalError | NonFatalError):
             failures.append(f"error: {event}")
-        if isinstance(event, ScenarioFinished) and event.status != Status.SUCCESS:
-            recorder = event.recorder
-            for case_id, checks in recorder.checks.items():
-                for check in checks:
-                    if check.failure_info is None:
-                        continue
-                    interaction = recorder.interactions.get(case_id)
-                    response = interaction.response if interaction else None
-                    answer = f"{response.status_code} {response.text[:300]}" if response else "-"
-                    failures.append(
-                        f"{recorder.label}: {check.failure_info.failure.title}\n"
-                        f"  {check.failure_info.code_sample}\n  answered {answer}"
-                    )
-    return sorted(set(failures))
+        if not isinstance(event, ScenarioFinished):
+            continue
+        recorder = event.recorder
+        if event.status != Status.SKIP:
+            tested.add(recorder.label)
+        found = [
+            (case_id, check.failure_info)
+            for case_id, checks in recorder.checks.items()
+            for check in checks
+            if check.failure_info is not None
+        ]
+        if event.status not in {Status.SUCCESS, Status.SKIP} and not found:
+            failures.append(f"{recorder.label}: {event.status}")
+        for case_id, info in found:
+            interaction = recorder.interactions.get(case_id)
+            response = interaction.response if interaction else None
+            answer = f"{response.status_code} {response.text[:300]}" if response else "-"
+            failures.append(
+                f"{recorder.label}: {info.failure.title}\n  {info.code_sample}\n  answered {answer}"
+            )
+    return sorted(set(failures)), tested
 
 
 @pytest.fixture
@@ -114,5 +122,8 @@ def app_on_database(database_url: URL) -> Iterator[FastAPI]:
 
 
 def test_the_api_keeps_its_contract(app_on_database: FastAPI) -> None:
-    failures = contract_failures(app_on_database)
+    failures, tested = run_contract(app_on_database)
     assert not failures, "\n".join(failures)
+    paths = app_on_database.openapi()["paths"]
+    operations = {f"{method.upper()} {path}" for path in paths for method in paths[path]}
+    assert operations <= tested, operations - tested  # a new route is held to it too
