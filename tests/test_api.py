@@ -8,12 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from fastapi import Depends, FastAPI
+from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dblayer.api import create_app, get_session
-from dblayer.migrate import downgrade_to
+from dblayer.api.schemas import ValidationErrorRead
+from dblayer.migrate import alembic_config, downgrade_to, head_revision
 from dblayer.models import User
 from dblayer.settings import Settings, get_settings
 
@@ -54,14 +57,36 @@ async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, An
 
 
 async def test_health_and_ready(client: httpx.AsyncClient, app: FastAPI) -> None:
+    head = head_revision()
     assert (await client.get("/health")).json() == {"status": "ok"}
     ready = await client.get("/ready")
-    assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "revision": "0002"}
-    await downgrade_to(app.state.engine, "0001")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "revision": head})
+
+
+async def test_ready_when_the_database_is_behind(client: httpx.AsyncClient, app: FastAPI) -> None:
+    head = head_revision()
+    assert head is not None
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(head).down_revision
+    assert isinstance(previous, str)
+    await downgrade_to(app.state.engine, previous)
     ready = await client.get("/ready")
     assert ready.status_code == 503
-    assert ready.json()["status"] == "migrations pending: at 0001, head is 0002"
+    assert ready.json() == {
+        "status": f"migrations pending: at {previous}, head is {head}",
+        "revision": previous,
+    }
+
+
+async def test_ready_when_the_database_is_ahead(client: httpx.AsyncClient, app: FastAPI) -> None:
+    """A newer release migrated (rolling deploy, rollback): this code's head is applied, so an
+    instance of the older release stays in rotation."""
+    async with app.state.engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeedbeef'"))
+    ready = await client.get("/ready")
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"status": "ready", "revision": "f00dfeedbeef"},
+    )
 
 
 async def test_users(client: httpx.AsyncClient) -> None:
@@ -148,10 +173,11 @@ async def test_list_search_sort_and_keyset_pages(client: httpx.AsyncClient) -> N
     [
         ({"limit": "101"}, "less than or equal to 100"),
         ({"limit": "0"}, "greater than or equal to 1"),
-        ({"sort": "hashed_password"}, "cannot sort by 'hashed_password'"),
-        ({"sort": "title; DROP TABLE tasks"}, "cannot sort by"),
+        ({"sort": "hashed_password"}, "String should match pattern '^-?(created_at|"),
+        ({"sort": "title; DROP TABLE tasks"}, "String should match pattern"),
         ({"status": "pending' OR '1'='1"}, "Input should be"),
         ({"cursor": "garbage"}, "invalid cursor"),
+        ({"cursor": "not base64!"}, "String should match pattern '^[A-Za-z0-9_-]+$'"),
         ({"search": "x" * 201}, "at most 200 characters"),
     ],
 )
@@ -161,6 +187,7 @@ async def test_bad_list_parameters_are_422(
     response = await client.get("/tasks", params=params)
     assert response.status_code == 422
     assert detail in response.text
+    ValidationErrorRead.model_validate_json(response.text)  # every 422 has the documented shape
 
 
 async def test_hostile_strings_are_data(client: httpx.AsyncClient, app: FastAPI) -> None:
@@ -225,6 +252,8 @@ async def test_database_errors_by_sqlstate(database_url: URL, statement: str, st
         assert "SELECT" not in response.text
         if status == 503:
             assert response.headers["retry-after"] == "5"
+        if status == 422:  # the database refused a value: the same shape as any other 422
+            assert ValidationErrorRead.model_validate_json(response.text).detail[0].loc == []
 
 
 async def test_database_down_is_503_with_retry_after(
@@ -255,3 +284,52 @@ async def test_pool_timeout_is_503(database_url: URL) -> None:
         assert response.status_code == 503
         assert response.headers["retry-after"] == "5"
         assert (await client.get("/tasks")).status_code == 200  # and it recovers
+
+
+@pytest.mark.parametrize(
+    "email",
+    ["ada@example.com", "ada.l+x@mail.example", "ada@x.test", "ada@x.TEST", "ada@x.localhost"],
+)
+async def test_the_schema_says_which_emails_the_app_accepts(
+    client: httpx.AsyncClient, email: str
+) -> None:
+    """`format: email` alone allows special-use domains, which the validator refuses; the schema
+    says so (a `not` pattern), so the two agree."""
+    schema = (await client.get("/openapi.json")).json()
+    rule = schema["components"]["schemas"]["UserCreate"]["properties"]["email"]
+    allowed = Draft202012Validator(rule, format_checker=FormatChecker()).is_valid(email)
+    body = {"email": email, "username": "ada", "password": "correct horse"}
+    response = await client.post("/users", json=body)
+    assert response.status_code == (201 if allowed else 422), response.text
+    assert allowed is email.endswith(("example.com", ".example"))
+
+
+async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.request("DELETE", "/tasks")
+    assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD, POST")
+    assert response.json() == {"detail": "Method Not Allowed"}
+    undocumented = await client.post("/openapi.json")  # not in the schema: Starlette's answer
+    assert undocumented.status_code == 405
+    assert set(undocumented.headers["allow"].split(", ")) == {"GET", "HEAD"}  # in any order
+
+
+async def test_a_cursor_for_another_sort_is_a_422_like_the_others(
+    client: httpx.AsyncClient,
+) -> None:
+    ada = await new_user(client)
+    for title in ("a", "b"):
+        await client.post("/tasks", json={"user_id": ada["id"], "title": title})
+    cursor = (await client.get("/tasks", params={"limit": 1})).json()["next_cursor"]
+    response = await client.get("/tasks", params={"sort": "title", "cursor": cursor})
+    assert (response.status_code, response.json()) == (
+        422,
+        {
+            "detail": [
+                {
+                    "loc": ["query"],
+                    "msg": "this cursor belongs to another sort order",
+                    "type": "invalid_query",
+                }
+            ]
+        },
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,13 +13,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
+import httpx
 import pytest
+import uvicorn
+from fastapi import Depends
 from sqlalchemy import URL
 
 from dblayer.api import __main__ as serve
+from dblayer.api import create_app
 from dblayer.migrate import head_revision
+from dblayer.settings import get_settings
 from tests.databases import Databases
 
 
@@ -177,3 +184,48 @@ def test_the_app_is_not_served_when_prestart_fails(
 
 def served_anyway(base: str) -> None:
     raise AssertionError(f"the app was served at {base} although pre-start failed")
+
+
+def read_config() -> str:
+    """A dependency that fails for a reason that has nothing to do with the database."""
+    return Path("/nonexistent/config.toml").read_text()
+
+
+async def test_a_plain_oserror_is_a_500_logged_with_its_traceback(
+    database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not every OSError is the database: a file a route or a dependency cannot read is a bug (or
+    another outage), answered 500 and logged by the server with its traceback, not a 503."""
+    app = create_app(get_settings(database_url=database_url.render_as_string(hide_password=False)))
+
+    @app.get("/report")
+    def report() -> dict[str, str]:  # a plain def: FastAPI runs it in a thread
+        return {"report": Path("/nonexistent/report.txt").read_text()}
+
+    @app.get("/configured")
+    async def configured(config: Annotated[str, Depends(read_config)]) -> dict[str, str]:
+        return {"config": config}  # pragma: no cover - the dependency fails first
+
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_config=None))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not (server.started or serving.done()):  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.05)
+        assert server.started
+        base = f"http://127.0.0.1:{server.config.port}"
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/tasks")).status_code == 200  # the database is fine
+            for path, file in [("/report", "report.txt"), ("/configured", "config.toml")]:
+                caplog.clear()
+                response = await client.get(path)
+                assert (response.status_code, response.text) == (500, "Internal Server Error")
+                assert "retry-after" not in response.headers
+                assert "Exception in ASGI application" in caplog.text
+                assert "Traceback (most recent call last)" in caplog.text
+                assert (
+                    f"FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/{file}'"
+                    in caplog.text
+                )
+    finally:
+        server.should_exit = True
+        await serving

@@ -1,8 +1,9 @@
 """The async engine: built from settings, checked at start-up, disposed at shutdown.
 
-One engine per process (it owns the connection pool). `check_connection` turns every way of not
-reaching the server into one `DatabaseUnavailableError` whose message names host, port and the
-cause, in the same words for asyncpg and psycopg, and never the password.
+One engine per process (it owns the connection pool). Every way of not reaching the server becomes
+one `DatabaseUnavailableError` (on any connect of `create_engine`'s engines, and in
+`check_connection` for any engine), whose message names host, port and the cause, in the same
+words for asyncpg and psycopg, and never the password.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import uuid4
 
-from sqlalchemy import URL, text
+from sqlalchemy import URL, event, text
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -72,26 +74,47 @@ def create_engine(settings: Settings | None = None) -> AsyncEngine:
     settings = settings or get_settings()
     if settings.db_external_pooler:
         # PgBouncer owns the pooling; a second pool here would hold server connections idle.
-        return create_async_engine(
+        engine = create_async_engine(
             settings.url,
             echo=settings.db_echo,
             hide_parameters=settings.db_hide_parameters,
             poolclass=NullPool,
             connect_args=connect_args(settings),
         )
-    return create_async_engine(
-        settings.url,
-        echo=settings.db_echo,
-        hide_parameters=settings.db_hide_parameters,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        pool_pre_ping=settings.db_pool_pre_ping,
-        pool_use_lifo=settings.db_pool_use_lifo,
-        connect_args=connect_args(settings),
-    )
+    else:
+        engine = create_async_engine(
+            settings.url,
+            echo=settings.db_echo,
+            hide_parameters=settings.db_hide_parameters,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout,
+            pool_recycle=settings.db_pool_recycle,
+            pool_pre_ping=settings.db_pool_pre_ping,
+            pool_use_lifo=settings.db_pool_use_lifo,
+            connect_args=connect_args(settings),
+        )
+    classify_connect_failures(engine)
+    return engine
     # --8<-- [end:create_engine]
+
+
+# --8<-- [start:classify]
+def classify_connect_failures(engine: AsyncEngine) -> None:
+    """Make every failure to open a connection one `DatabaseUnavailableError`, raised to whichever
+    query needed the connection. Only here is an `OSError` known to be about the database, and
+    the drivers differ here: asyncpg lets a network failure out as a bare `OSError` or
+    `TimeoutError`, which SQLAlchemy does not wrap, where psycopg raises an `OperationalError`."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def connect(dialect: Dialect, record: object, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except (OSError, dialect.loaded_dbapi.Error) as exc:
+            message, transient = _failure(engine.url, exc)
+            raise DatabaseUnavailableError(message, transient=transient) from None
+
+    # --8<-- [end:classify]
 
 
 # --8<-- [start:check_connection]

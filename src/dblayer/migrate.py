@@ -82,3 +82,13 @@ async def current_revision(engine: AsyncEngine) -> str | None:
             lambda sync: MigrationContext.configure(sync).get_current_revision()
         )
         # --8<-- [end:revisions]
+
+
+# --8<-- [start:head_applied]
+def head_is_applied(current: str | None) -> bool:
+    """Whether a database at revision `current` has everything this code needs: it is at this
+    code's head, or at a revision this code does not know, which a newer release added."""
+    script = ScriptDirectory.from_config(alembic_config())
+    known = {revision.revision for revision in script.walk_revisions()}
+    return current is not None and (current == script.get_current_head() or current not in known)
+    # --8<-- [end:head_applied]

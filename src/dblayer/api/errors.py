@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc
+from starlette.routing import compile_path
 
 from dblayer.engine import DatabaseUnavailableError, describe_failure
 from dblayer.repositories import InvalidQueryError
@@ -29,11 +31,11 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotFoundError, _answer(status.HTTP_404_NOT_FOUND))
     app.add_exception_handler(DuplicateError, _answer(status.HTTP_409_CONFLICT))
     app.add_exception_handler(InvalidStateError, _answer(status.HTTP_409_CONFLICT))
-    app.add_exception_handler(InvalidQueryError, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
+    app.add_exception_handler(InvalidQueryError, _invalid_query)
     app.add_exception_handler(exc.TimeoutError, _unavailable)  # no pooled connection in time
-    app.add_exception_handler(DatabaseUnavailableError, _unavailable)
-    app.add_exception_handler(OSError, _unavailable)  # connection refused, reset, unreachable
+    app.add_exception_handler(DatabaseUnavailableError, _unavailable)  # classified on connect
     app.add_exception_handler(exc.DBAPIError, _database_error)
+    app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, _method_not_allowed)
 
 
 Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
@@ -50,15 +52,25 @@ async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
     """FastAPI's 422, minus the `input` it echoes back: that could be the password."""
     assert isinstance(error, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k not in {"input", "ctx"}} for e in error.errors()]
-    return JSONResponse(
-        {"detail": jsonable_encoder(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
-    )
+    return _unprocessable(jsonable_encoder(errors))
+
+
+async def _invalid_query(request: Request, error: Exception) -> JSONResponse:
+    """A list request the repository refused (a cursor it did not issue): a 422 like the others."""
+    return _unprocessable([{"loc": ["query"], "msg": str(error), "type": "invalid_query"}])
+
+
+def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
+    """Every 422 has one shape (`ValidationErrorRead`): a list of what was wrong and where."""
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 async def _unavailable(request: Request, error: Exception) -> JSONResponse:
     """503 with Retry-After: the request was fine, the database was not there for it."""
     if isinstance(error, exc.TimeoutError):
         reason = "no database connection free in time"
+    elif isinstance(error, DatabaseUnavailableError):
+        reason = str(error)
     else:
         reason = describe_failure(request.app.state.engine.url, error)
     logger.warning("503 for %s %s: %s", request.method, request.url.path, reason)
@@ -69,20 +81,35 @@ async def _unavailable(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def _method_not_allowed(request: Request, error: Exception) -> JSONResponse:
+    """405 with every method the schema documents for the path in `Allow` (Starlette lists only
+    those of the first route that matched the path: `GET` where `/tasks` also takes `POST`)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(request.scope["path"]):
+            methods |= {method.upper() for method in operations}
+    methods |= {"HEAD"} if "GET" in methods else set()
+    headers = {"Allow": ", ".join(sorted(methods))} if methods else getattr(error, "headers", None)
+    return JSONResponse(
+        {"detail": "Method Not Allowed"},
+        status_code=status.HTTP_405_METHOD_NOT_ALLOWED,
+        headers=headers,
+    )
+
+
 async def _database_error(request: Request, error: Exception) -> JSONResponse:
     """Classify by SQLSTATE (the same for both drivers), not by the driver's exception class."""
     assert isinstance(error, exc.DBAPIError)
     sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
-    lost = error.connection_invalidated or sqlstate.startswith(("08", "57P"))
-    # No SQLSTATE on an operational error: the driver failed to connect, the server said nothing.
-    unreachable = not sqlstate and isinstance(error, exc.OperationalError | exc.InterfaceError)
-    if lost or unreachable:
+    # Failing to connect is classified on connect (DatabaseUnavailableError); here, a connection
+    # lost mid-request (SQLAlchemy noticed) or ended by the server (08, 57P: shutdown, terminate).
+    if error.connection_invalidated or sqlstate.startswith(("08", "57P")):
         return await _unavailable(request, error)
     if sqlstate.startswith("23"):  # integrity: unique, foreign key, check, not null
         detail = "conflicts with existing data"
         return JSONResponse({"detail": detail}, status_code=status.HTTP_409_CONFLICT)
     if sqlstate.startswith("22") or isinstance(error, exc.DataError):  # too long, bad text…
-        detail = "a value is not valid for the database"
-        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        msg = "a value is not valid for the database"
+        return _unprocessable([{"loc": [], "msg": msg, "type": "invalid_value"}])
     raise error  # a bug: let it be a 500, logged with its traceback
     # --8<-- [end:handlers]
