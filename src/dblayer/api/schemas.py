@@ -33,9 +33,10 @@ Email = Annotated[
 ]
 # The sort fields as a pattern: an unknown field is a 422 the schema predicts.
 SORT = rf"^-?({'|'.join(TaskRepository.sortable)})$"
-# A cursor is a token the server issued (base64url, unpadded): its alphabet is all a schema can
-# say; a well-formed token the server did not issue, or for another sort, is still a 422.
-CURSOR = r"^[A-Za-z0-9_-]+$"
+# A cursor is a token the server issued and signed (`<base64url>.<base64url signature>`): its
+# shape is all a schema can say; a well-formed token the server did not sign, or one for another
+# sort, is still a 422.
+CURSOR = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
 
 
 class UserCreate(BaseModel):
