@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import pytest
 from sqlalchemy import URL, make_url
@@ -17,7 +19,7 @@ from dblayer.engine import (
     create_engine,
     describe_failure,
 )
-from dblayer.settings import Driver, get_settings
+from dblayer.settings import Driver, SettingsError, get_settings
 
 
 async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: object) -> str:
@@ -48,21 +50,38 @@ def test_connect_args_per_driver() -> None:
     assert connect_args(get_settings(database_driver="psycopg")) == {"connect_timeout": 10}
 
 
-def test_connect_args_carry_the_tls_settings() -> None:
+def test_connect_args_carry_the_tls_settings(tmp_path: Path) -> None:
     """libpq (psycopg) takes its own parameters; asyncpg takes the mode as `ssl` and reads the
     files from a DSN, whose values the keyword arguments (host, user, ...) override."""
-    url = "postgresql://shop:pw@db/shop?sslmode=verify-full&sslrootcert=/etc/ca%20dir/ca.pem"
+    ca = tmp_path / "ca dir" / "ca.pem"
+    ca.parent.mkdir()
+    ca.write_text("a CA")
+    url = f"postgresql://shop:pw@db/shop?sslmode=verify-full&sslrootcert={quote(str(ca))}"
     assert connect_args(get_settings(database_url=url)) == {
         "timeout": 10.0,
         "ssl": "verify-full",
-        "dsn": "postgresql://?sslrootcert=%2Fetc%2Fca+dir%2Fca.pem",
+        "dsn": f"postgresql://?{urlencode({'sslrootcert': str(ca)})}",
     }
     assert connect_args(get_settings(database_url=url, database_driver="psycopg")) == {
         "connect_timeout": 10,
         "sslmode": "verify-full",
-        "sslrootcert": "/etc/ca dir/ca.pem",
+        "sslrootcert": str(ca),
     }
     assert connect_args(get_settings(db_sslmode="require")) == {"timeout": 10.0, "ssl": "require"}
+    system = get_settings(db_sslmode="verify-full", db_sslrootcert="system")  # libpq 16's store
+    assert connect_args(system)["dsn"] == "postgresql://?sslrootcert=system"
+
+
+@pytest.mark.parametrize("name", ["sslrootcert", "sslcert", "sslkey"])
+@pytest.mark.parametrize("driver_name", ["asyncpg", "psycopg"])
+def test_a_tls_file_that_is_not_there_is_one_line_at_once(name: str, driver_name: str) -> None:
+    """asyncpg alone would raise a bare "No such file or directory" at every connect."""
+    settings = get_settings(
+        database_driver=driver_name, db_sslmode="verify-full", **{f"db_{name}": "/nowhere/x.pem"}
+    )
+    with pytest.raises(SettingsError) as refused:
+        create_engine(settings)
+    assert str(refused.value) == f"{name}: no such file '/nowhere/x.pem'"
 
 
 async def test_engine_from_the_environment_uses_the_pool_settings(

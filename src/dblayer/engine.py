@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 from uuid import uuid4
@@ -20,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from dblayer.settings import Settings, get_settings
+from dblayer.settings import Settings, SettingsError, get_settings
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -64,6 +65,16 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     # --8<-- [end:connect_args]
 
 
+def check_tls_files(settings: Settings) -> None:
+    """A certificate or key file that is not there is a setting to fix, said when the engine is
+    made and in one line (asyncpg would say only "No such file or directory", without the name,
+    at every connect). `system` is libpq's name for the system's CA store."""
+    for name in ("sslrootcert", "sslcert", "sslkey"):
+        path = settings.tls.get(name)
+        if path is not None and path != "system" and not Path(path).is_file():
+            raise SettingsError(f"{name}: no such file {path!r}")
+
+
 def _unique_statement_name() -> str:
     return f"__asyncpg_{uuid4()}__"
 
@@ -72,6 +83,7 @@ def _unique_statement_name() -> str:
 def create_engine(settings: Settings | None = None) -> AsyncEngine:
     """Create the process-wide async engine from settings (the environment when not given)."""
     settings = settings or get_settings()
+    check_tls_files(settings)
     if settings.db_external_pooler:
         # PgBouncer owns the pooling; a second pool here would hold server connections idle.
         engine = create_async_engine(
