@@ -6,9 +6,6 @@ cannot read) is a bug or an outage of something else, and stays a 500 with its t
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import URL
 from sqlalchemy.exc import OperationalError
@@ -18,22 +15,6 @@ from dblayer.api import create_app
 from dblayer.engine import DatabaseUnavailableError, check_connection, create_engine
 from dblayer.settings import get_settings
 from tests.test_api import client_for
-
-
-@pytest.fixture
-async def silent_port() -> AsyncIterator[int]:
-    """A port that accepts connections and never answers, like a black-holing firewall."""
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.read()
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
 
 
 def broken(url: URL, how: str, silent_port: int) -> URL:

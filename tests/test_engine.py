@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -122,22 +121,6 @@ async def test_refused_port(database_url: URL, caplog: pytest.LogCaptureFixture)
     assert message == "cannot connect to 127.0.0.1:1/" + str(database_url.database) + (
         ": connection refused; is the server running on that port?"
     )
-
-
-@pytest.fixture
-async def silent_port() -> AsyncIterator[int]:
-    """A port that accepts connections and never answers, like a black-holing firewall."""
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.read()
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
 
 
 async def test_unreachable_fails_fast_naming_the_host(
