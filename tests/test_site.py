@@ -33,6 +33,11 @@ from tests.browser import (
 
 DOCS = ROOT / "docs"
 LONGEST_FIRST = True  # conftest.py starts these tests before the others
+# More time than other tests get, and the thread method: once (the first run after installing
+# Chromium) the 120 s signal-method timeout fired inside Playwright's message loop, whose
+# exception went nowhere; the loop spun at 100% CPU and the run never ended. The thread method
+# dumps the stacks and ends the worker, so xdist reports the test failed.
+BROWSER_TIMEOUT = pytest.mark.timeout(600, method="thread")
 
 
 def _unavailable(reason: str) -> None:
@@ -64,6 +69,7 @@ def playwright() -> Iterator[Playwright]:
         yield running
 
 
+@BROWSER_TIMEOUT
 def test_every_page_in_a_browser(browser_path: str, playwright: Playwright, tmp_path: Path) -> None:
     """Build the site strictly, open every page in Chromium with no network, and find nothing a
     reader would trip over (see `check_site`). Screenshots go to test-artifacts/screenshots/."""
@@ -99,6 +105,7 @@ def plant(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1), "utf-8")
 
 
+@BROWSER_TIMEOUT
 def test_planted_faults_are_caught(
     browser_path: str, playwright: Playwright, tmp_path: Path
 ) -> None:
