@@ -62,11 +62,13 @@ async def test_check_connection_classifies_for_any_engine(database_url: URL) -> 
 
 @pytest.mark.parametrize("how", list(CAUSES))
 async def test_a_failed_connect_is_database_unavailable_under_both_drivers(
-    database_url: URL, silent_port: int, how: str
+    database_url: URL, silent_port: int, how: str, request: pytest.FixtureRequest
 ) -> None:
     """Any query's first connect, not only `check_connection`: the engine classifies it, so the
     two drivers' different exceptions (asyncpg's raw OSError, psycopg's OperationalError) end
     as one error, with the same message."""
+    if how == "password":
+        request.getfixturevalue("password_auth")  # skipped where any password is accepted
     url = broken(database_url, how, silent_port)
     engine = create_engine(
         get_settings(database_url=url.render_as_string(hide_password=False), db_connect_timeout=1)
@@ -84,8 +86,14 @@ async def test_a_failed_connect_is_database_unavailable_under_both_drivers(
 
 @pytest.mark.parametrize("how", list(CAUSES))
 async def test_a_failed_connect_is_503_under_both_drivers(
-    database_url: URL, silent_port: int, how: str, caplog: pytest.LogCaptureFixture
+    database_url: URL,
+    silent_port: int,
+    how: str,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    if how == "password":
+        request.getfixturevalue("password_auth")  # skipped where any password is accepted
     url = broken(database_url, how, silent_port)
     app = create_app(
         get_settings(database_url=url.render_as_string(hide_password=False), db_connect_timeout=1)

@@ -27,6 +27,7 @@ SELECTION = [
     "tests/test_engine.py",
     "tests/test_prestart.py",
     "tests/test_api_served.py",
+    "tests/test_api_errors.py",
     "tests/test_docs.py",
     "-k",
     "not test_docs or engine",  # of the pages, only the engine's (it shows a wrong password)
@@ -35,6 +36,13 @@ SELECTION = [
 NEEDS_PASSWORD_AUTH = {
     f"{test}[{driver}]"
     for test in ("test_wrong_password", "test_wrong_password_fails_at_once_without_retrying")
+    for driver in ("asyncpg", "psycopg")
+} | {
+    f"{test}[{driver}-password]"
+    for test in (
+        "test_a_failed_connect_is_database_unavailable_under_both_drivers",
+        "test_a_failed_connect_is_503_under_both_drivers",
+    )
     for driver in ("asyncpg", "psycopg")
 }
 
@@ -88,7 +96,7 @@ def test_the_suite_passes_on_a_server_with_trust_authentication(
     assert trust_skips == NEEDS_PASSWORD_AUTH | {
         name for name in skipped if name.startswith("test_python_block[docs/engine.md:")
     }
-    assert len(trust_skips) == 6
+    assert len(trust_skips) == 10
     # Every other skip is a block's exemption, as on any server.
     assert all(
         message.startswith("exempt: ")
