@@ -209,6 +209,13 @@ async def test_soft_deleted_users_stay_hidden_behind_tasks(session: AsyncSession
     assert (await session.scalars(explicit)).all() == ["ada's"]
     users_of = select(User.username).join(User.tasks).where(Task.title == "grace's")
     assert (await session.scalars(users_of)).all() == []
+    # EXISTS through the relationship, which names only the table (no ORM entity) inside
+    with_live_user = select(func.count()).select_from(Task).where(Task.user.has())
+    assert await session.scalar(with_live_user) == 1
+    titles = select(Task.title).where(Task.user.has(User.username == "grace"))
+    assert (await session.scalars(titles)).all() == []
+    with_tasks = select(User.username).where(User.tasks.any()).order_by(User.username)
+    assert (await session.scalars(with_tasks)).all() == ["ada"]
     for load in (selectinload(Task.user), joinedload(Task.user)):
         session.expunge_all()
         tasks = (await session.scalars(select(Task).options(load).order_by(Task.title))).all()
@@ -367,3 +374,25 @@ def test_er_diagram_marks_every_kind_of_key() -> None:
     assert '        varchar(3) kind "nullable"' in diagram
     assert '        integer owner_id FK "nullable"' in diagram
     assert diagram.endswith('    owners |o--o{ pets : "owner_id"\n')
+
+
+LOOKUPS = {
+    "uq_users_username_live": select(User).where(User.username == "ada"),
+    "uq_users_email_live": select(User).where(func.lower(User.email) == "ada@example.org"),
+}
+
+
+@pytest.mark.parametrize("index", LOOKUPS)
+async def test_the_soft_delete_filter_lets_the_partial_unique_indexes_be_used(
+    session: AsyncSession, index: str
+) -> None:
+    """The indexes are partial (`WHERE NOT is_deleted`): PostgreSQL uses one only when the query
+    says exactly that. `is_deleted IS false` does not imply it, and every login and registration
+    scanned the table. Sequential scans are priced out, so the plan shows whether the index can
+    be used at all, whatever the table's size."""
+    await session.execute(text("SET LOCAL enable_seqscan = off"))
+    filtered = LOOKUPS[index].options(mixins._HIDE_DELETED)  # what the hook makes of it
+    dialect = (await session.connection()).dialect
+    compiled = filtered.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    plan = "\n".join((await session.execute(text(f"EXPLAIN {compiled}"))).scalars().all())
+    assert f"Index Scan using {index}" in plan, plan

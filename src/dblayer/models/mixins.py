@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Executable, event, false, func
+from sqlalchemy import Executable, Table, event, false, func
 from sqlalchemy.orm import (
     Mapped,
     Mapper,
@@ -69,7 +69,11 @@ class SoftDeleteMixin:
 
 # Built once: making the option (its lambda is analysed) on every query was part of the cost.
 _HIDE_DELETED = with_loader_criteria(
-    SoftDeleteMixin, lambda cls: cls.is_deleted.is_(False), include_aliases=True
+    # `NOT is_deleted`, word for word the partial unique indexes' predicate, so PostgreSQL can
+    # use them (it does not see that `is_deleted IS false` implies it).
+    SoftDeleteMixin,
+    lambda cls: ~cls.is_deleted,
+    include_aliases=True,
 )
 # statement -> its rewritten copy, or None when it touches no soft-delete model. Weak keys: an
 # entry lives as long as the statement, so a prebuilt one is looked at once, not per execution.
@@ -85,7 +89,7 @@ def _hide_deleted(state: ORMExecuteState) -> None:
     """Add `is_deleted = false` to ORM SELECTs that involve a soft-delete model, also where it is
     joined or loaded through a relationship. Any other SELECT runs untouched, so a prebuilt
     statement keeps its memoized cache key. ORM bulk UPDATE and DELETE are not SELECTs: they are
-    not filtered (say `.where(Model.is_deleted.is_(False))`)."""
+    not filtered (say `.where(~Model.is_deleted)`)."""
     if (
         not state.is_select
         or state.is_column_load
@@ -118,10 +122,14 @@ def _involves(statement: Executable) -> bool:
 
 def _involves_soft_delete(statement: Executable) -> bool:
     """Whether a soft-delete model appears anywhere in the statement (FROM, joins, subqueries,
-    EXISTS), is joined through a relationship, or could be by a loader option (then yes: the
-    joined eager load is added at compile time, and an option's path is not looked into)."""
+    EXISTS from a relationship's `has()`/`any()`, its table named directly), is joined through a
+    relationship, or could be by a loader option (then yes: the joined eager load is added at
+    compile time, and an option's path is not looked into)."""
+    tables = _guarded_tables()
     for element in visitors.iterate(cast("visitors.ExternallyTraversible", statement)):
         if getattr(element, "_with_options", ()):
+            return True
+        if isinstance(element, Table) and element in tables:
             return True
         entity = getattr(element, "_annotations", {}).get("parententity")
         if entity is not None and _guarded(entity.mapper):
@@ -131,6 +139,20 @@ def _involves_soft_delete(statement: Executable) -> bool:
             if isinstance(relationship, RelationshipProperty) and _guarded(relationship.mapper):
                 return True
     return False
+
+
+def _guarded_tables() -> set[Table]:
+    """The tables of every mapped soft-delete model (read when a new statement shape is seen, so
+    models defined later count too)."""
+    found: set[Table] = set()
+    pending: list[type] = [SoftDeleteMixin]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        table = getattr(cls, "__table__", None)
+        if isinstance(table, Table):
+            found.add(table)
+    return found
 
 
 def _guarded(mapper: Mapper[Any], seen: frozenset[Mapper[Any]] = frozenset()) -> bool:

@@ -239,7 +239,7 @@ class Repository(Generic[ModelT]):
     def _live(self) -> list[ColumnElement[bool]]:
         """UPDATE and DELETE are not filtered by the soft-delete hook (only SELECTs are)."""
         if issubclass(self.model, SoftDeleteMixin):
-            return [_column(self.model, "is_deleted").is_(False)]
+            return [~_column(self.model, "is_deleted")]  # the partial indexes' own words
         return []
 
     def _conditions(self, filters: Mapping[str, object] | None) -> list[ColumnElement[bool]]:
