@@ -7,8 +7,10 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import URL
+from sqlalchemy import URL, text
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.pool import NullPool
 
 from dblayer import prestart
 from dblayer.embedded import EmbeddedPostgres, find_binaries
@@ -106,3 +108,21 @@ async def test_seed_leaves_a_taken_demo_email_alone(
         )
         assert await prestart.seed(session) is False
         assert await TaskRepository(session).count() == 0
+
+
+def test_prestart_of_an_older_release_leaves_a_newer_schema_alone(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rollback of the code, or a pod of the previous release starting during a rolling
+    deploy: the database is at a revision this code does not know (a newer one). `/ready` calls
+    that ready; pre-start must start the app too, not fail on `Can't locate revision`."""
+    admin = database_url.set(drivername="postgresql+psycopg")
+    with create_sync_engine(admin, poolclass=NullPool).begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeedbeef'"))
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    assert prestart.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (
+        f"migrations: at f00dfeedbeef, newer than this code's head {head_revision()}: left as it is"
+    )
+    assert lines[2] == "seed: created (3 tasks)"

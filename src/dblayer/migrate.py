@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -88,7 +89,15 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 def head_is_applied(current: str | None) -> bool:
     """Whether a database at revision `current` has everything this code needs: it is at this
     code's head, or at a revision this code does not know, which a newer release added."""
+    head, known = _revisions()
+    return current is not None and (current == head or current not in known)
+
+
+@cache
+def _revisions() -> tuple[str | None, frozenset[str]]:
+    """This code's head and every revision it knows; the files do not change while it runs,
+    so a readiness probe does not read them again each time."""
     script = ScriptDirectory.from_config(alembic_config())
-    known = {revision.revision for revision in script.walk_revisions()}
-    return current is not None and (current == script.get_current_head() or current not in known)
+    known = frozenset(revision.revision for revision in script.walk_revisions())
+    return script.get_current_head(), known
     # --8<-- [end:head_applied]

@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from dblayer.engine import DatabaseUnavailableError, check_connection, create_engine
-from dblayer.migrate import current_revision, upgrade_to_head
+from dblayer.migrate import current_revision, head_is_applied, head_revision, upgrade_to_head
 from dblayer.repositories import TaskRepository, UserRepository
 from dblayer.services import DuplicateError, UserService
 from dblayer.session import create_sessionmaker, session_scope
@@ -93,8 +93,16 @@ async def prestart(max_wait: float = 60.0) -> list[str]:
     engine = create_engine(get_settings())
     try:
         version = await wait_for_database(engine, max_wait)
-        await upgrade_to_head(engine)
         revision = await current_revision(engine)
+        if head_is_applied(revision) and revision != head_revision():
+            # A newer release migrated it (a rolling deploy, a rollback of the code): what this
+            # code needs is there, and it cannot migrate to a revision it does not know.
+            migrations = (
+                f"at {revision}, newer than this code's head {head_revision()}: left as it is"
+            )
+        else:
+            await upgrade_to_head(engine)
+            migrations = f"at head ({head_revision()})"
         async with session_scope(create_sessionmaker(engine)) as session:
             created = await seed(session)
             tasks = await TaskRepository(session).count()
@@ -102,7 +110,7 @@ async def prestart(max_wait: float = 60.0) -> list[str]:
         await engine.dispose()
     return [
         f"database: PostgreSQL {version} at {engine.url.host}:{engine.url.port}",
-        f"migrations: at head ({revision})",
+        f"migrations: {migrations}",
         f"seed: {'created' if created else 'already there, nothing changed'} ({tasks} tasks)",
     ]
     # --8<-- [end:prestart]
