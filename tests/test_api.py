@@ -11,6 +11,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from fastapi import Depends, FastAPI
 from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
+from pydantic import SecretStr
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,6 +19,8 @@ from dblayer.api import create_app, get_session
 from dblayer.api.schemas import ValidationErrorRead
 from dblayer.migrate import alembic_config, downgrade_to, head_revision
 from dblayer.models import User
+from dblayer.repositories import InvalidQueryError, TaskRepository
+from dblayer.session import session_scope
 from dblayer.settings import Settings, get_settings
 
 HOSTILE = ["'; DROP TABLE tasks; --", "%' OR '1'='1", "_", "\\", "x\x00y", "title)--", "\u202e"]
@@ -335,4 +338,44 @@ async def test_a_cursor_for_another_sort_is_a_422_like_the_others(
                 }
             ]
         },
+    )
+
+
+SHARED_SECRET = "a cursor secret every instance shares, 32+ chars"
+
+
+async def test_cursors_are_signed_with_the_apps_own_settings(
+    database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`create_app(settings)` signs with that configuration's `DB_CURSOR_SECRET`, so a second
+    instance (or worker) with the same settings accepts the cursor, and only it does."""
+    settings = settings_for(database_url).model_copy(
+        update={"db_cursor_secret": SecretStr(SHARED_SECRET)}
+    )
+    app = create_app(settings)
+    async for client in client_for(app):
+        ada = await client.post(
+            "/users", json={"email": "ada@example.org", "username": "ada", "password": "x" * 12}
+        )
+        for title in ("one", "two"):
+            await client.post("/tasks", json={"user_id": ada.json()["id"], "title": title})
+        cursor = (await client.get("/tasks", params={"limit": 1})).json()["next_cursor"]
+        async with session_scope(app.state.sessionmaker) as session:
+            shared = TaskRepository(session, cursor_secret=SecretStr(SHARED_SECRET))
+            assert [t.title for t in (await shared.get_multi(limit=1, cursor=cursor)).items] == [
+                "two"
+            ]
+            with pytest.raises(InvalidQueryError):
+                await TaskRepository(session).get_multi(limit=1, cursor=cursor)  # another key
+    assert "DB_CURSOR_SECRET" not in caplog.text
+
+
+async def test_an_app_without_a_cursor_secret_says_so_at_start(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    async for _ in client_for(app):
+        pass
+    assert (
+        "DB_CURSOR_SECRET is not set: page cursors are signed with a key of this process only"
+        in caplog.text
     )

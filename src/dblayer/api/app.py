@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,8 @@ from dblayer.engine import create_engine
 from dblayer.session import create_sessionmaker
 from dblayer.settings import Settings, get_settings
 
+logger = logging.getLogger(__name__)
+
 
 # --8<-- [start:create_app]
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,7 +24,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings or get_settings())
+        resolved = settings or get_settings()
+        if resolved.db_cursor_secret is None:
+            logger.warning(
+                "DB_CURSOR_SECRET is not set: page cursors are signed with a key of this process "
+                "only, so other instances and workers refuse them; set the same value everywhere"
+            )
+        engine = create_engine(resolved)
+        app.state.settings = resolved
         app.state.engine = engine
         app.state.sessionmaker = create_sessionmaker(engine)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from dblayer.api.deps import SessionDep
 from dblayer.api.schemas import CURSOR, NO_NUL, SORT, PageRead, TaskCreate, TaskRead, errors
@@ -19,6 +19,7 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], responses=errors(422, 503))
 # --8<-- [start:tasks]
 @router.get("", response_model=PageRead[TaskRead])
 async def list_tasks(
+    request: Request,
     session: SessionDep,
     search: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     status: TaskStatus | None = None,
@@ -27,8 +28,9 @@ async def list_tasks(
     cursor: Annotated[str | None, Query(max_length=500, pattern=CURSOR)] = None,
 ) -> Page[Task]:
     """Unknown sort fields, a page over the cap and a tampered cursor are 422s; `search` is
-    matched literally (its `%` and `_` too) as a bound parameter."""
-    tasks = TaskRepository(session)
+    matched literally (its `%` and `_` too) as a bound parameter. Cursors are signed with the
+    app's `DB_CURSOR_SECRET`, so every instance accepts the others'."""
+    tasks = TaskRepository(session, cursor_secret=request.app.state.settings.db_cursor_secret)
     filters = {"status": status} if status else None
     if search:
         return await tasks.search_by_title(
