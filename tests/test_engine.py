@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
+import trustme
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
@@ -67,8 +69,39 @@ def test_connect_args_carry_the_tls_settings(tmp_path: Path) -> None:
         "sslrootcert": str(ca),
     }
     assert connect_args(get_settings(db_sslmode="require")) == {"timeout": 10.0, "ssl": "require"}
-    system = get_settings(db_sslmode="verify-full", db_sslrootcert="system")  # libpq 16's store
-    assert connect_args(system)["dsn"] == "postgresql://?sslrootcert=system"
+
+
+def test_channel_binding_goes_to_libpq_and_is_refused_for_asyncpg() -> None:
+    """Neon's URLs ask for `channel_binding=require`: libpq (psycopg) does it; asyncpg cannot, and
+    silently connecting without it would be weaker than the URL asked for."""
+    url = "postgresql://u:p@ep-x.example.com/db?sslmode=require&channel_binding=require"
+    psycopg = connect_args(get_settings(database_url=url, database_driver="psycopg"))
+    assert psycopg["channel_binding"] == "require"
+    with pytest.raises(SettingsError, match=r"^channel_binding=require: asyncpg cannot bind"):
+        connect_args(get_settings(database_url=url))
+    preferred = url.replace("channel_binding=require", "channel_binding=prefer")
+    assert connect_args(get_settings(database_url=preferred)) == {"timeout": 10.0, "ssl": "require"}
+
+
+def test_sslrootcert_system_is_the_systems_ca_store_for_asyncpg(tmp_path: Path) -> None:
+    """libpq 16 reads `system` as "the system's CAs"; asyncpg gets an SSLContext that says so."""
+    for mode, checks_host in [("verify-full", True), ("verify-ca", False)]:
+        settings = get_settings(db_sslmode=mode, db_sslrootcert="system")
+        context = connect_args(settings)["ssl"]
+        assert isinstance(context, ssl.SSLContext)
+        assert context.verify_mode is ssl.CERT_REQUIRED
+        assert context.check_hostname is checks_host
+        assert "dsn" not in connect_args(settings)
+    client = trustme.CA().issue_cert("postgres")
+    client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    with_cert = get_settings(db_sslrootcert="system", db_sslcert=str(tmp_path / "client.pem"))
+    assert isinstance(connect_args(with_cert)["ssl"], ssl.SSLContext)  # verify-full by default
+    with pytest.raises(SettingsError) as refused:
+        connect_args(get_settings(db_sslmode="require", db_sslrootcert="system"))
+    assert (
+        str(refused.value)
+        == "sslrootcert=system needs sslmode verify-ca or verify-full, not require"
+    )
 
 
 @pytest.mark.parametrize("name", ["sslrootcert", "sslcert", "sslkey"])

@@ -111,6 +111,10 @@ def test_the_password_is_hidden_everywhere() -> None:
     ("values", "message"),
     [
         ({"database_url": "not a url"}, "DATABASE_URL: not a URL"),
+        (
+            {"database_url": "postgresql://u:hunter2@h/db?channel_binding=always"},
+            "DATABASE_URL: channel_binding must be disable, prefer or require",
+        ),
         ({"database_url": "mysql://u:hunter2@h/db"}, "DATABASE_URL: unsupported 'mysql'"),
         ({"database_url": "postgresql+psycopg2://u:hunter2@h/db"}, "unsupported 'postgresql+psy"),
         ({"database_url": "postgresql://u:hunter2@@h/db"}, "unescaped '@' in the password"),
@@ -129,8 +133,8 @@ def test_the_password_is_hidden_everywhere() -> None:
         ),
         (
             {"database_url": "postgresql://u:hunter2@h/db?ssl=true"},
-            "DATABASE_URL: unknown parameter 'ssl'; use host, sslmode, sslrootcert, sslcert or "
-            "sslkey",
+            "DATABASE_URL: unknown parameter 'ssl'; use host, sslmode, sslrootcert, sslcert, "
+            "sslkey or channel_binding",
         ),
         (
             {"database_url": "postgresql://u:hunter2@h/db?x%0Ay=hunter2"},

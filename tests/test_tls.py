@@ -179,6 +179,23 @@ async def test_verify_ca_refuses_a_certificate_from_another_ca(
     assert message.endswith(": the server's certificate is not signed by the CA in sslrootcert")
 
 
+async def test_channel_binding_with_psycopg(tls_server: TLSServer) -> None:
+    """SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS), as Neon's URLs ask for."""
+    url = tls_server.url("psycopg", sslmode="require", channel_binding="require")
+    assert (await connected(url))["ssl"] is True
+
+
+async def test_the_systems_ca_store_is_used_for_sslrootcert_system(
+    tls_server: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`sslrootcert=system` (libpq 16+, and provider URLs that use it) means the system's CAs:
+    this server's throwaway CA is not among them, so both drivers refuse it, in the same line.
+    asyncpg would otherwise look for a file named "system" and fail with a bare error."""
+    url = tls_server.url(driver, sslmode="verify-full", sslrootcert="system")
+    message = await refused(url, tls_server.server.password, caplog)
+    assert message.endswith(": the server's certificate is not signed by the CA in sslrootcert")
+
+
 async def test_verify_full_without_the_ca_is_refused(
     tls_server: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -47,7 +48,14 @@ def connect_args(settings: Settings) -> dict[str, Any]:
             args["prepare_threshold"] = None  # never prepare: the next transaction may be elsewhere
         return args
     args = {"timeout": settings.db_connect_timeout}
-    if "sslmode" in tls:
+    if tls.pop("channel_binding", "prefer") == "require":
+        raise SettingsError(
+            "channel_binding=require: asyncpg cannot bind authentication to the TLS channel; "
+            "use DATABASE_DRIVER=psycopg, or remove it from the URL"
+        )
+    if tls.get("sslrootcert") == "system":
+        args["ssl"] = _system_ca_context(tls)  # asyncpg would look for a file named "system"
+    elif "sslmode" in tls:
         args["ssl"] = tls.pop("sslmode")  # asyncpg takes libpq's modes, with libpq's meaning
     if tls:
         # ... but reads the certificate files only from a DSN; the URL's host, user and database
@@ -63,6 +71,23 @@ def connect_args(settings: Settings) -> dict[str, Any]:
         }
     return args
     # --8<-- [end:connect_args]
+
+
+def _system_ca_context(tls: dict[str, str]) -> ssl.SSLContext:
+    """libpq's `sslrootcert=system` for asyncpg: the system's CA store, the host name checked
+    unless the mode is verify-ca. Like libpq, only a verifying mode makes sense with it. Takes
+    the parameters it uses out of `tls`."""
+    del tls["sslrootcert"]
+    mode = tls.pop("sslmode", "verify-full")
+    if mode not in ("verify-ca", "verify-full"):
+        raise SettingsError(
+            f"sslrootcert=system needs sslmode verify-ca or verify-full, not {mode}"
+        )
+    context = ssl.create_default_context()
+    context.check_hostname = mode == "verify-full"
+    if "sslcert" in tls:
+        context.load_cert_chain(tls.pop("sslcert"), tls.pop("sslkey", None))
+    return context
 
 
 def check_tls_files(settings: Settings) -> None:

@@ -33,8 +33,10 @@ _SCHEMES = {"postgresql", "postgres"} | {f"postgresql+{d}" for d in DRIVERS}
 # --8<-- [start:tls]
 SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 SSL_MODES: tuple[SSLMode, ...] = get_args(SSLMode)
-# libpq's TLS parameters, as providers write them in DATABASE_URL (`?sslmode=require`).
-TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+ChannelBinding = Literal["disable", "prefer", "require"]
+# libpq's TLS parameters, as providers write them in DATABASE_URL (`?sslmode=require`; Neon adds
+# `channel_binding=require`, which psycopg's libpq does and asyncpg cannot).
+TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "channel_binding")
 # --8<-- [end:tls]
 
 
@@ -72,6 +74,7 @@ class Settings(BaseSettings):
     db_sslrootcert: str | None = None  # the CA file that verify-ca and verify-full check against
     db_sslcert: str | None = None  # a client certificate, for servers that ask for one
     db_sslkey: str | None = None  # its private key (mode 0600)
+    db_channel_binding: ChannelBinding | None = None  # SCRAM bound to the TLS channel (psycopg)
     # --8<-- [start:pool_settings]
     db_pool_size: Annotated[int, Field(ge=1)] = 5  # connections kept open
     db_max_overflow: int = 10  # extra connections under load, closed when returned
@@ -201,6 +204,8 @@ def _check_query(url: URL) -> None:
             raise ValueError(f"{name} given more than once")
     if url.query.get("sslmode", "prefer") not in SSL_MODES:
         raise ValueError(f"sslmode must be {', '.join(SSL_MODES[:-1])} or {SSL_MODES[-1]}")
+    if url.query.get("channel_binding", "prefer") not in get_args(ChannelBinding):
+        raise ValueError("channel_binding must be disable, prefer or require")
 
 
 # --8<-- [start:get_settings]
