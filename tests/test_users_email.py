@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 from alembic.util import CommandError
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from dblayer.migrate import current_revision, downgrade_to, head_revision, upgrade_to_head
@@ -201,3 +201,29 @@ async def test_the_migration_finishes_what_an_interrupted_run_left(engine: Async
         await conn.commit()
     await upgrade_to_head(engine)
     assert await _email_indexes(engine) == [LOWER]
+
+
+async def test_a_lock_timeout_fails_the_swap_fast_and_a_retry_finishes_it(
+    engine: AsyncEngine,
+) -> None:
+    """Like 0002: a concurrent build that waits behind a long transaction gives up after
+    `lock_timeout` (here 200 ms, `-x lock_timeout=…`) instead of holding the deploy, leaves an
+    INVALID index behind, and the next run drops it and finishes; the setting does not stay."""
+    await downgrade_to(engine, "0002")
+    async with engine.connect() as writer:  # an open transaction that writes to users
+        await writer.execute(text("LOCK TABLE users IN ROW EXCLUSIVE MODE"))
+        with pytest.raises(DBAPIError) as caught:
+            await asyncio.wait_for(
+                upgrade_to_head(engine, x_arguments=["lock_timeout=200ms"]), timeout=20
+            )
+        assert getattr(caught.value.orig, "sqlstate", None) == "55P03"  # lock_not_available
+        await writer.commit()
+    assert await current_revision(engine) == "0002"
+    assert await _email_indexes(engine) == [EXACT, f"{LOWER_BUILDING} INVALID"]
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SHOW lock_timeout")) == "0"
+    await upgrade_to_head(engine, x_arguments=["lock_timeout=200ms"])
+    assert await _email_indexes(engine) == [LOWER]
+
+
+LOWER_BUILDING = LOWER.replace("uq_users_email_live ", "uq_users_email_live_lower ")

@@ -12,7 +12,9 @@ Without blocking the table: the new index is built `CONCURRENTLY` under a tempor
 `autocommit_block()`), the old one is dropped `CONCURRENTLY`, and the new one takes its name,
 so errors and code that name the index are unchanged. Uniqueness by exact email holds until the
 new index is in place.
-If live rows already differ only in case, the build fails: the half-built (INVALID) index is
+Each step waits at most `lock_timeout` (5s, or `-x lock_timeout=…`) behind other
+transactions, then gives up; the setting is reset whatever happens. If live rows already differ
+only in case, the build fails: the half-built (INVALID) index is
 dropped and the upgrade stops with what to do, leaving the database at 0002. A retry after a
 failure of any kind first drops an INVALID index left behind, instead of skipping it.
 """
@@ -20,7 +22,7 @@ failure of any kind first drops an INVALID index left behind, instead of skippin
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from alembic.util import CommandError
 
 revision: str = "0003"
@@ -29,6 +31,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 NAME = "uq_users_email_live"
+LOCK_TIMEOUT = "5s"  # as in 0002: `alembic -x lock_timeout=30s upgrade head` for another value
 FIND_SHARED = (
     "SELECT lower(email), count(*) FROM users WHERE NOT is_deleted GROUP BY 1 HAVING count(*) > 1"
 )
@@ -45,17 +48,30 @@ def upgrade() -> None:
                 f"DO $$ BEGIN IF EXISTS ({FIND_SHARED}) THEN "
                 f"RAISE EXCEPTION '{REFUSED.replace(chr(39), chr(39) * 2)}'; END IF; END $$"
             )
+        _set_lock_timeout()
         try:
             _replace("lower", sa.text("lower(email)"), leftover="exact")
         except sa.exc.IntegrityError:
             _drop_if_invalid(f"{NAME}_lower")
             raise CommandError(REFUSED) from None
+        finally:  # a session setting: it would stay on the connection, back in the app's pool
+            op.execute("RESET lock_timeout")
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        # Exact-case uniqueness always holds where lower(email)'s did.
-        _replace("exact", "email", leftover="lower")
+        _set_lock_timeout()
+        try:  # exact-case uniqueness always holds where lower(email)'s did
+            _replace("exact", "email", leftover="lower")
+        finally:
+            op.execute("RESET lock_timeout")
+
+
+def _set_lock_timeout() -> None:
+    """Give up rather than wait behind a long transaction (the deploy fails fast, a retry
+    finishes the job); outside a transaction, so a session setting, reset by the caller."""
+    value = context.get_x_argument(as_dictionary=True).get("lock_timeout", LOCK_TIMEOUT)
+    op.execute(sa.text("SELECT set_config('lock_timeout', :value, false)").bindparams(value=value))
 
 
 def _replace(kind: str, expression: sa.TextClause | str, *, leftover: str) -> None:
