@@ -12,11 +12,12 @@ Without blocking the table: the new index is built `CONCURRENTLY` under a tempor
 `autocommit_block()`), the old one is dropped `CONCURRENTLY`, and the new one takes its name,
 so errors and code that name the index are unchanged. Uniqueness by exact email holds until the
 new index is in place.
-Each step waits at most `lock_timeout` (5s, or `-x lock_timeout=…`) behind other
-transactions, then gives up; the setting is reset whatever happens. If live rows already differ
-only in case, the build fails: the half-built (INVALID) index is
-dropped and the upgrade stops with what to do, leaving the database at 0002. A retry after a
-failure of any kind first drops an INVALID index left behind, instead of skipping it.
+
+Each step waits at most `lock_timeout` (5s, or `-x lock_timeout=…`) behind other transactions,
+then gives up; the setting is reset whatever happens. If live rows already differ only in case,
+the build fails: the half-built (INVALID) index is dropped and the upgrade stops with what to
+do, leaving the database at 0002. A retry after a failure of any kind first drops an INVALID
+index left behind, instead of skipping it.
 """
 
 from collections.abc import Sequence
