@@ -25,6 +25,13 @@ from dblayer.settings import Driver, SettingsError, get_settings
 
 async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: object) -> str:
     """Try to connect to `url` with echo on; return the one-line error, checked for secrets."""
+    return str(await unavailable_error(url, caplog, **values))
+
+
+async def unavailable_error(
+    url: URL, caplog: pytest.LogCaptureFixture, **values: object
+) -> DatabaseUnavailableError:
+    """`unavailable`, returning the error itself (for its `transient`)."""
     caplog.set_level(logging.DEBUG)
     password = url.password if isinstance(url.password, str) else None  # none on a trust server
     settings = get_settings(
@@ -41,7 +48,7 @@ async def unavailable(url: URL, caplog: pytest.LogCaptureFixture, **values: obje
     assert caught.value.__cause__ is None  # no driver traceback chained on
     for text in (message, caplog.text, repr(settings), repr(engine.sync_engine)):
         assert password is None or password not in text
-    return message
+    return caught.value
 
 
 def test_connect_args_per_driver() -> None:

@@ -78,38 +78,6 @@ async def test_down_to_base_and_up_again_leaves_the_same_schema(engine: AsyncEng
     assert await current_revision(engine) == head_revision()
 
 
-async def test_0002_backfills_in_batches_and_indexes_concurrently(engine: AsyncEngine) -> None:
-    await downgrade_to(engine, "0001")
-    async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                "INSERT INTO users (id, email, username, hashed_password)"
-                " VALUES ('00000000-0000-0000-0000-000000000001', 'a@x.org', 'a', 'x')"
-            )
-        )
-        await conn.execute(  # more rows than one batch, half of them completed
-            text(
-                "INSERT INTO tasks (id, title, user_id, status)"
-                " SELECT gen_random_uuid(), 't' || n, '00000000-0000-0000-0000-000000000001',"
-                " CASE WHEN n % 2 = 0 THEN 'COMPLETED'::task_status ELSE 'PENDING' END"
-                " FROM generate_series(1, 2500) AS n"
-            )
-        )
-    await upgrade_to_head(engine)
-    async with engine.connect() as conn:
-        counts = (
-            await conn.execute(
-                text(
-                    "SELECT count(*) FILTER (WHERE completed_at IS NOT NULL),"
-                    " count(*) FILTER (WHERE status = 'COMPLETED') FROM tasks"
-                )
-            )
-        ).one()
-        index = await conn.scalar(text("SELECT to_regclass('ix_tasks_completed_at')"))
-    assert tuple(counts) == (1250, 1250)
-    assert index == "ix_tasks_completed_at"
-
-
 def test_offline_mode_prints_the_sql(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

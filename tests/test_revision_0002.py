@@ -58,6 +58,23 @@ def _sqlstate(error: DBAPIError) -> str | None:
     return getattr(error.orig, "sqlstate", None)
 
 
+async def test_0002_backfills_in_batches_and_indexes_concurrently(engine: AsyncEngine) -> None:
+    await _tasks_at_0001(engine)  # more rows than one batch, half of them completed
+    await upgrade_to_head(engine)
+    async with engine.connect() as conn:
+        counts = (
+            await conn.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE completed_at IS NOT NULL),"
+                    " count(*) FILTER (WHERE status = 'COMPLETED') FROM tasks"
+                )
+            )
+        ).one()
+        index = await conn.scalar(text("SELECT to_regclass('ix_tasks_completed_at')"))
+    assert tuple(counts) == (1250, 1250)
+    assert index == "ix_tasks_completed_at"
+
+
 async def test_a_retry_after_a_lock_timeout_rebuilds_the_invalid_index(engine: AsyncEngine) -> None:
     """CREATE INDEX CONCURRENTLY enters the index in the catalog, then waits for the transactions
     writing to the table; a lock timeout there leaves the index INVALID (present, never used)."""

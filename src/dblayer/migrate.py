@@ -73,7 +73,7 @@ def _run(
 # --8<-- [start:revisions]
 def head_revision() -> str | None:
     """The newest revision in the code."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _revisions()[0]
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
