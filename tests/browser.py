@@ -252,7 +252,7 @@ def check_site(
     try:
         with serve(site) as base:
             context = browser.new_context(viewport={"width": 1280, "height": 900})
-            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base[:-1])
+            context.set_default_timeout(30_000)  # every action and wait fails, never hangs
             context.on("request", functools.partial(_record_request, base, report))
             tab = context.new_page()
             console: list[str] = []
@@ -344,13 +344,31 @@ def _wait_for_diagrams(tab: Page, where: str, report: Report, theme: str | None 
     return True
 
 
+# What a copy puts on the clipboard, read from the page's own `copy` event (clipboard.js copies
+# from a selected, hidden textarea). Reading the system clipboard back instead hung two full runs
+# (never this test alone): `evaluate` waits for `navigator.clipboard.readText()` without a limit.
+_WATCH_COPY_JS = """
+() => document.addEventListener("copy", () => {
+  const el = document.activeElement;
+  window.__copied = el && "value" in el
+    ? el.value.substring(el.selectionStart, el.selectionEnd)
+    : String(document.getSelection());
+}, {once: true})
+"""
+
+
 def _check_copy(tab: Page, where: str, report: Report) -> None:
-    """Press the first copy button: the clipboard holds that block's code."""
+    """Press the first copy button: what it copies is that block's code."""
+    tab.evaluate(_WATCH_COPY_JS)
     tab.locator(".md-content button.md-code__button[data-md-type=copy]").first.click()
-    copied = tab.evaluate("navigator.clipboard.readText()")
+    try:
+        copied = tab.wait_for_function("() => window.__copied", timeout=5_000).json_value()
+    except PlaywrightTimeoutError:
+        report.problems.append(f"{where}: the copy button copied nothing")
+        return
     code = tab.locator(".md-content pre > code").first.inner_text()
-    if copied.strip() != code.strip():
-        report.problems.append(f"{where}: the copy button copied {copied[:60]!r}")
+    if str(copied).strip() != code.strip():
+        report.problems.append(f"{where}: the copy button copied {str(copied)[:60]!r}")
 
 
 _DRIVER_TABS_JS = """
