@@ -1,0 +1,258 @@
+"""The `dblayer.testing` plugin, run as a reader runs it: pytest on a scratch project whose
+conftest enables it, against this run's server (in-process, so coverage sees the plugin)."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+
+# The inner runs are in-process (so coverage sees the plugin), and pytester removes the modules
+# a run imported when it ends: a C extension imported again in the next run can crash the
+# interpreter. Imported here, they outlive every inner run.
+import asyncpg  # noqa: F401
+import psycopg
+import pytest
+import sqlalchemy.dialects.postgresql.asyncpg
+import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
+
+import dblayer.api.app  # noqa: F401
+from dblayer.settings import Driver
+from tests.databases import Server, connect
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = 'pytest_plugins = ["dblayer.testing"]\n'
+INI = textwrap.dedent(
+    """\
+    [pytest]
+    asyncio_mode = auto
+    asyncio_default_fixture_loop_scope = function
+    {extra}
+    """
+)
+
+
+@pytest.fixture
+def project(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
+    """A reader's project: a conftest that enables the plugin, and this run's server."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makeini(INI.format(extra=""))
+    monkeypatch.setenv("TEST_DATABASE_URL", server.admin_url.render_as_string(hide_password=False))
+    return pytester
+
+
+@pytest.fixture
+def driven(
+    project: pytest.Pytester, driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
+    """The same project, its tests under one driver (the settings' DATABASE_DRIVER)."""
+    monkeypatch.setenv("DATABASE_DRIVER", driver)
+    return project
+
+
+def leftover_databases(server: Server) -> list[str]:
+    with connect(server.admin_url) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'dblayer\\_testing\\_%'"
+        ).fetchall()
+    return [str(name) for (name,) in rows]
+
+
+def test_code_under_test_commits_and_rolls_back_and_nothing_outlives_the_test(
+    driven: pytest.Pytester, server: Server
+) -> None:
+    driven.makepyfile(
+        test_users=textwrap.dedent(
+            """\
+            import pytest
+            from sqlalchemy import func, select, text
+            from sqlalchemy.exc import IntegrityError
+
+            from dblayer.models import User
+            from dblayer.repositories import UserRepository
+
+
+            async def test_commit_then_a_failed_insert(session):
+                users = UserRepository(session)
+                await users.create(email="ada@example.com", username="ada", hashed_password="x")
+                await session.commit()  # the code under test commits: a savepoint ends
+                with pytest.raises(IntegrityError):
+                    await users.create(email="ada@example.com", username="ada", hashed_password="x")
+                await session.rollback()  # back to the last savepoint, not the test's start
+                assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+            async def test_the_next_test_and_another_connection_see_none_of_it(session, engine):
+                assert await session.scalar(select(func.count()).select_from(User)) == 0
+                async with engine.connect() as other:
+                    assert await other.scalar(text("SELECT count(*) FROM users")) == 0
+            """
+        )
+    )
+    result = driven.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    assert leftover_databases(server) == []
+
+
+def test_database_url_is_a_fresh_clone_dropped_after_the_test(
+    driven: pytest.Pytester, server: Server
+) -> None:
+    driven.makepyfile(
+        test_clone=textwrap.dedent(
+            """\
+            from sqlalchemy import text
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            SEEN = []
+
+
+            async def test_writes_and_commits(database_url):
+                engine = create_async_engine(database_url)
+                async with engine.begin() as conn:
+                    SEEN.append(await conn.scalar(text("SELECT current_database()")))
+                    await conn.execute(text("CREATE TABLE mine (id int)"))
+                await engine.dispose()
+
+
+            async def test_gets_another_database_with_the_schema(database_url):
+                engine = create_async_engine(database_url)
+                async with engine.connect() as conn:
+                    name = await conn.scalar(text("SELECT current_database()"))
+                    assert name != SEEN[0]
+                    assert await conn.scalar(text("SELECT to_regclass('mine')")) is None
+                    assert await conn.scalar(text("SELECT to_regclass('users')")) == "users"
+                await engine.dispose()
+            """
+        )
+    )
+    result = driven.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    assert leftover_databases(server) == []
+
+
+def test_a_request_s_commit_is_seen_by_the_test_and_gone_in_the_next(
+    driven: pytest.Pytester,
+) -> None:
+    driven.makepyfile(
+        test_api=textwrap.dedent(
+            """\
+            from sqlalchemy import func, select
+
+            from dblayer.models import User
+
+            NEW = {"email": "ada@example.com", "username": "ada", "password": "correct horse"}
+
+
+            async def test_a_user_made_through_the_api(client, session):
+                assert (await client.post("/users", json=NEW)).status_code == 201
+                assert await session.scalar(select(func.count()).select_from(User)) == 1
+                again = await client.post("/users", json=NEW)  # rolled back by the app
+                assert again.status_code == 409
+                assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+            async def test_is_gone_in_the_next_test(client):
+                assert (await client.post("/users", json=NEW)).status_code == 201
+            """
+        )
+    )
+    result = driven.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
+def test_under_xdist_one_template_serves_every_worker(
+    project: pytest.Pytester, server: Server
+) -> None:
+    project.makepyfile(
+        test_many=textwrap.dedent(
+            """\
+            import pytest
+            from sqlalchemy import text
+
+
+            @pytest.mark.parametrize("n", range(6))
+            async def test_one_template(session, n):
+                found = await session.scalar(text(
+                    "SELECT count(*) FROM pg_database WHERE datname LIKE '%\\\\_template'"
+                    " AND datname LIKE 'dblayer\\\\_testing\\\\_%'"
+                ))
+                assert found == 1
+            """
+        )
+    )
+    result = project.runpytest_inprocess("-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=6)
+    assert leftover_databases(server) == []
+
+
+def test_a_failing_setup_leaves_no_template_to_trust(
+    project: pytest.Pytester, server: Server
+) -> None:
+    project.makeini(INI.format(extra="dblayer_setup = broken_setup:build"))
+    project.makepyfile(
+        broken_setup="def build(connection):\n    raise RuntimeError('the migration failed')\n",
+        test_any="async def test_needs_a_database(database_url):\n    pass\n",
+    )
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*RuntimeError: the migration failed*"])
+    assert leftover_databases(server) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ini", "*dblayer_setup = 'no_colon': expected module:function*"),
+        ("driver", "*DATABASE_DRIVER='mysql': expected one of asyncpg, psycopg*"),
+    ],
+)
+def test_a_wrong_setting_is_one_clear_line(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, setting: str, message: str
+) -> None:
+    if setting == "ini":
+        project.makeini(INI.format(extra="dblayer_setup = no_colon"))
+    else:
+        monkeypatch.setenv("DATABASE_DRIVER", "mysql")
+    project.makepyfile(test_any="async def test_needs_a_database(database_url):\n    pass\n")
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([message])
+
+
+def test_without_test_database_url_an_embedded_server_is_started_and_stopped(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TEST_DATABASE_URL")
+    project.makepyfile(
+        test_embedded=textwrap.dedent(
+            """\
+            from pathlib import Path
+
+
+            def test_a_database(database_url):
+                assert database_url.host == "127.0.0.1"
+                Path("port").write_text(str(database_url.port))
+            """
+        )
+    )
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(passed=1)
+    port = int((project.path / "port").read_text())
+    with pytest.raises(psycopg.OperationalError):  # the server stopped with the run
+        psycopg.connect(host="127.0.0.1", port=port, connect_timeout=3).close()
+
+
+def test_a_run_without_database_tests_never_connects(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unit tests stay fast and need no server: nothing is started or reached until a test asks
+    (here, reaching the server would fail: nothing listens on its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("TEST_DATABASE_URL", f"postgresql://nobody@127.0.0.1:{port}/postgres")
+    project.makepyfile(test_unit="def test_pure():\n    assert 1 + 1 == 2\n")
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(passed=1)
