@@ -7,8 +7,11 @@ controller (or the only process) holds the whole run.
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +33,8 @@ class Report:
     finished: int = 0  # docs tests that passed, or were skipped as exempt
     isolation: dict[str, float] = field(default_factory=dict)  # test -> clone + drop seconds
     recorded: str = ""  # where the record went, for the summary
+    tree: dict[str, str] | None = None  # what git showed as changed when the run started
+    dirtied: list[str] = field(default_factory=list)  # files the run changed that git sees
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
@@ -64,11 +69,20 @@ class Report:
         )
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """A complete green run writes its record (`.cache/verified/pg<major>.json`)."""
+        """A green run that changed what git sees fails; a complete green run writes its
+        record (`.cache/verified/pg<major>.json`, git-ignored)."""
         config = session.config
         if hasattr(config, "workerinput") or config.option.update_examples:
             return
-        record = self.record() if exitstatus == 0 else None
+        after = working_tree(verified.ROOT)
+        if self.tree is not None and after is not None:
+            self.dirtied = changed(self.tree, after)
+        if exitstatus != 0:
+            return
+        if self.dirtied:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            return
+        record = self.record()
         if record is not None:
             self.recorded = record.write().relative_to(verified.ROOT).as_posix()
 
@@ -89,6 +103,12 @@ class Report:
             write(f"isolation: {len(costs)} databases, median {median:.0f} ms each (clone + drop)")
         if self.recorded:
             write(f"recorded for the site: {self.recorded}")
+        if self.dirtied:
+            write(
+                "the run changed files git does not ignore (by a test, or by hand while it ran); "
+                f"a green run leaves `git status` as it found it: {', '.join(self.dirtied)}",
+                red=True,
+            )
         blocks = ", ".join(f"{self.blocks[d]} under {d}" for d in DRIVERS)
         consoles = ", ".join(f"{self.consoles[d]} under {d}" for d in DRIVERS)
         write(
@@ -105,5 +125,41 @@ REPORT = pytest.StashKey[Report]()
 def pytest_configure(config: pytest.Config) -> None:
     """One report per process, registered as a plugin; the controller's sees the whole run."""
     run = Report(content=verified.fingerprint())
+    if not hasattr(config, "workerinput") and not config.option.update_examples:
+        run.tree = working_tree(verified.ROOT)
     config.stash[REPORT] = run
     config.pluginmanager.register(run, "dblayer-report")
+
+
+def working_tree(root: Path) -> dict[str, str] | None:
+    """What `git status` shows (changed, new, deleted files, not ignored ones), each with a hash
+    of its content, so that a file changed again is seen too. None outside a git checkout."""
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state = {}
+    entries = iter(status.split(b"\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        code, path = entry[:2].decode(), entry[3:].decode()
+        if code[0] in "RC":
+            next(entries)  # a rename's or copy's source path follows
+        file = root / path
+        content = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else "-"
+        state[path] = f"{code} {content}"
+    return state
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The paths whose state differs between two `working_tree` snapshots."""
+    return sorted(
+        path for path in before.keys() | after.keys() if before.get(path) != after.get(path)
+    )
