@@ -258,3 +258,33 @@ def test_a_record_that_is_not_one_fails_the_build(tmp_path: Path) -> None:
 
 def test_the_index_page_has_the_line_the_record_replaces() -> None:
     assert verified.MARKER.search((ROOT / "docs" / "index.md").read_text("utf-8"))
+
+
+def test_the_fingerprint_is_of_what_the_run_ran(tmp_path: Path) -> None:
+    """Pages, package, alembic.ini: an edit to any is new content; a benchmark table, compiled
+    files and pip's metadata are not."""
+    files = {
+        "docs/index.md": "# Home\n",
+        "src/dblayer/settings.py": "X = 1\n",
+        "src/dblayer/migrations/script.py.mako": "${up}\n",
+        "alembic.ini": "[alembic]\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    first = verified.fingerprint(tmp_path)
+    for name in (
+        "docs/.bench/pooling.md",
+        "src/dblayer/__pycache__/settings.cpython-311.pyc",
+        "src/dblayer.egg-info/PKG-INFO",
+        "docs/assets/vendor/mermaid.min.js",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("not content\n")
+    assert verified.fingerprint(tmp_path) == first
+    for name in files:
+        original = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(original + "edited\n")
+        assert verified.fingerprint(tmp_path) != first, name
+        (tmp_path / name).write_text(original)
+    assert verified.fingerprint(tmp_path) == first

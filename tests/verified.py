@@ -35,14 +35,18 @@ RECORDS = Path(".cache") / "verified"  # under the checkout: where runs write, t
 BADGE = "assets/verified.svg"  # in the built site only
 MARKER = re.compile(r"^( *)<!-- verified -->$", re.M)  # the index page's line the box replaces
 NOT_VERIFIED = "not verified in this build"
+CONTENT = ("docs", "src")  # and alembic.ini, which the migrations pages run and include
+SUFFIXES = {".md", ".py", ".ini", ".mako"}
 
 
 def fingerprint(root: Path = ROOT) -> str:
-    """A hash of the pages and the package: a record is only true of the content it ran."""
+    """A hash of the pages, the package and the Alembic set-up the pages run: a record is only
+    true of the content it ran. (`docs/.bench/`, measured by `make bench`, is not run.)"""
     digest = hashlib.sha256()
-    paths = (p for part in ("docs", "src") for p in (root / part).rglob("*"))
-    for path in sorted(p for p in paths if p.suffix in {".md", ".py"} and p.is_file()):
-        if not any(part.startswith(".") for part in path.relative_to(root).parts):
+    paths = [root / "alembic.ini", *(p for part in CONTENT for p in (root / part).rglob("*"))]
+    for path in sorted(p for p in paths if p.suffix in SUFFIXES and p.is_file()):
+        parts = path.relative_to(root).parts
+        if not any(part.startswith(".") or part.endswith(".egg-info") for part in parts):
             digest.update(path.relative_to(root).as_posix().encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
