@@ -236,6 +236,7 @@ def test_the_site_shows_the_records_of_the_content_it_builds(tmp_path: Path) -> 
     page, badge = build(checkout)
     assert "Not verified" not in page
     assert "ran, unchanged, on PostgreSQL 14.23 and 16.14 , under asyncpg and psycopg" in page
+    assert "in complete, green test runs, one per server, of exactly these pages" in page
     assert "14.23 0.32.0 3.3.9 2.1.9 3.11.7 60 per driver 13 per driver 5" in page
     assert "15.18" not in page
     assert "verified: PostgreSQL 14.23, 16.14 · asyncpg 0.32.0 · psycopg 3.3.9" in badge

@@ -161,6 +161,9 @@ def box(runs: list[Record]) -> str:
     servers = [f"**{run.postgresql}**" for run in runs]
     servers_text = " and ".join([", ".join(servers[:-1]), servers[-1]] if servers[1:] else servers)
     names = list(runs[0].drivers)
+    runs_text = (
+        "complete, green test runs, one per server," if runs[1:] else "a complete, green test run"
+    )
     rows = "\n".join(
         f"    | {run.postgresql} | "
         + " | ".join(str(run.drivers[name]["version"]) for name in names)
@@ -171,8 +174,8 @@ def box(runs: list[Record]) -> str:
     return (
         f'!!! success "Verified"\n\n    {image}\n\n'
         f"    Every block on this site ran, unchanged, on PostgreSQL {servers_text}, under "
-        f"{' and '.join(names)}: in complete, green test runs of exactly these pages and this "
-        "code, one per server, which list their exemptions.\n\n"
+        f"{' and '.join(names)}: in {runs_text} of exactly these pages and this code, "
+        "whose summary lists the exemptions.\n\n"
         f"    | PostgreSQL | {' | '.join(names)} | SQLAlchemy | Python | Python blocks "
         "| console blocks | exemptions |\n"
         f"    |---|{'---|' * len(names)}---|---|---|---|---|\n"
