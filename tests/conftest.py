@@ -6,10 +6,9 @@ import asyncio
 import os
 import signal
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 from sqlalchemy import URL
@@ -18,47 +17,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from dblayer.engine import create_engine
 from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
-from tests import verified
-from tests.blocks import apply_console_updates, expected_docs_tests
+from tests.blocks import apply_console_updates
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+
+pytest_plugins = ["tests.report"]  # the run report: what ran, the summary, the site's record
 
 SERVER = pytest.StashKey[Server]()
 DATABASES = pytest.StashKey[Databases]()
+WORKER_SERVER = "dblayer_server"  # the key in xdist's workerinput
+
+
+class WorkerNode(Protocol):
+    """What `pytest_configure_node` is given (xdist's WorkerController, which is untyped)."""
+
+    config: pytest.Config
+    workerinput: dict[str, Any]
+
 
 # Variables the settings read: cleared for every test so a developer's shell or .env never leaks in.
 _SETTINGS_ENV = ("DATABASE_URL", "DATABASE_DRIVER")
 _SETTINGS_PREFIXES = ("POSTGRES_", "DB_")
-
-
-@dataclass
-class Report:
-    """What the docs tests ran, gathered from test reports (so from every xdist worker)."""
-
-    blocks: Counter[str] = field(default_factory=Counter)  # per driver
-    consoles: Counter[str] = field(default_factory=Counter)  # per driver
-    exemptions: dict[str, str] = field(default_factory=dict)  # block -> reason
-    finished: int = 0  # docs tests that passed, or were skipped as exempt
-    isolation: dict[str, float] = field(default_factory=dict)  # test -> clone + drop seconds
-
-    def add(self, report: pytest.TestReport) -> None:
-        for key, value in report.user_properties:
-            if key == "isolation_seconds" and isinstance(value, float):
-                self.isolation[report.nodeid] = self.isolation.get(report.nodeid, 0) + value
-            elif key == "docs" and isinstance(value, dict) and report.when == "call":
-                self._add_block(report, value)
-
-    def _add_block(self, report: pytest.TestReport, block: dict[str, str]) -> None:
-        if report.failed or (report.skipped and not block["exempt"]):
-            return  # a block the server could not show (FenceSettings.needs) verified nothing
-        if block["exempt"]:
-            self.exemptions[block["block"]] = block["exempt"]
-        if report.passed:
-            counter = self.blocks if block["kind"] == "python" else self.consoles
-            counter[block["driver"]] += 1
-        self.finished += 1
-
-
-REPORTS = Report()  # in the process that prints the summary: xdist's controller, or the only one
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -80,74 +58,40 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = _is_xdist_controller(config)
     if controller and config.option.update_examples:
         raise pytest.UsageError("--update-examples rewrites pages: run it without -n")
-    server = Server.from_environment()
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller's server
+        given = config.workerinput[WORKER_SERVER]
+        server = Server.from_url(given["url"], origin=given["origin"])
+    else:
+        server = Server.from_environment()
     config.add_cleanup(server.stop)  # also runs after a failure or Ctrl-C
     config.stash[SERVER] = server
     server.read_version()
+    from tests.report import REPORT  # imported by pytest_plugins first, so assert-rewritten
+
+    config.stash[REPORT].server = server
     if controller:
-        # xdist workers start after this hook and inherit the environment: one server for all,
+        # xdist workers start after this hook (see pytest_configure_node): one server for all,
         # each worker with databases (and a template, built on first use) of its own.
-        os.environ["TEST_DATABASE_URL"] = server.admin_url.render_as_string(hide_password=False)
-        os.environ["DBLAYER_TEST_SERVER_ORIGIN"] = server.origin
         return
     databases = Databases(server)
     config.add_cleanup(databases.teardown)
     config.stash[DATABASES] = databases
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.user_properties:
-        REPORTS.add(report)
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: absent under -p no:xdist
+def pytest_configure_node(node: WorkerNode) -> None:
+    """Each xdist worker gets the controller's server through `workerinput`."""
+    server = node.config.stash[SERVER]
+    node.workerinput[WORKER_SERVER] = {
+        "url": server.admin_url.render_as_string(hide_password=False),
+        "origin": server.origin,
+    }
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Console outputs queued by `make update-examples` go into the pages last; a complete green
-    run records what it verified for the index page."""
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Console outputs queued by `make update-examples` go into the pages last."""
     for block in apply_console_updates():
         print(f"updated console output: {block}")
-    server = session.config.stash.get(SERVER, None)
-    if server is None or hasattr(session.config, "workerinput"):
-        return
-    if session.config.option.update_examples:
-        return
-    if exitstatus == 0 and REPORTS.finished == expected_docs_tests():
-        verified.record(
-            server.version,
-            blocks=REPORTS.blocks[DRIVERS[0]],
-            consoles=REPORTS.consoles[DRIVERS[0]],
-            exemptions=len(REPORTS.exemptions),
-        )
-
-
-def pytest_report_header(config: pytest.Config) -> str | None:
-    server = config.stash.get(SERVER, None)
-    if server is None:
-        return None
-    return f"postgresql: {server.version} ({server.origin})"
-
-
-def pytest_terminal_summary(
-    terminalreporter: pytest.TerminalReporter, config: pytest.Config
-) -> None:
-    server = config.stash.get(SERVER, None)
-    if server is None:
-        return
-    report = REPORTS
-    write = terminalreporter.write_line
-    terminalreporter.section("docs")
-    for block, reason in sorted(report.exemptions.items()):
-        write(f"exempt: {block}: {reason}")
-    if report.isolation:
-        costs = sorted(report.isolation.values())
-        median = costs[len(costs) // 2] * 1000
-        write(f"isolation: {len(costs)} databases, median {median:.0f} ms each (clone + drop)")
-    blocks = ", ".join(f"{report.blocks[d]} under {d}" for d in DRIVERS)
-    consoles = ", ".join(f"{report.consoles[d]} under {d}" for d in DRIVERS)
-    write(
-        f"python blocks executed: {blocks}; console blocks executed: {consoles}; "
-        f"exemptions: {len(report.exemptions)}; server: PostgreSQL {server.version} "
-        f"({server.origin})"
-    )
 
 
 @pytest.fixture(autouse=True)

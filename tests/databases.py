@@ -42,19 +42,22 @@ class Server:
     def from_environment(cls) -> Server:
         raw = os.environ.get("TEST_DATABASE_URL", "").strip()
         if raw:
-            url = make_url(raw)
-            if not url.database:
-                url = url.set(database="postgres")
-            where = f"{url.host or 'localhost'}:{url.port or 5432}"
-            # xdist workers use the controller's server, and its description
-            origin = os.environ.get("DBLAYER_TEST_SERVER_ORIGIN", f"TEST_DATABASE_URL ({where})")
-            return cls(url.set(drivername="postgresql"), origin)
+            return cls.from_url(raw)
         embedded = EmbeddedPostgres().start()
         return cls(
             embedded.url("postgres").set(drivername="postgresql"),
             f"embedded, {embedded.binaries.source}",
             embedded=embedded,
         )
+
+    @classmethod
+    def from_url(cls, raw: str, origin: str = "") -> Server:
+        """A running server (`TEST_DATABASE_URL`, or the controller's, in an xdist worker)."""
+        url = make_url(raw)
+        if not url.database:
+            url = url.set(database="postgres")
+        where = f"{url.host or 'localhost'}:{url.port or 5432}"
+        return cls(url.set(drivername="postgresql"), origin or f"TEST_DATABASE_URL ({where})")
 
     @functools.cached_property
     def enforces_passwords(self) -> bool:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Playwright, sync_playwright
 
-from tests import verified
 from tests.browser import (
     ARTIFACTS,
     MERMAID_JS,
@@ -188,19 +187,6 @@ def test_pages_and_chapters_come_from_the_site_and_nav(tmp_path: Path) -> None:
     (tmp_path / "orphan" / "index.html").write_text("<html></html>")
     with pytest.raises(FileNotFoundError, match="orphan/"):
         pages(tmp_path, DOCS)
-
-
-def test_the_badge_and_sentence_are_written_from_the_record() -> None:
-    """What the index page shows is derived from docs/.verified.json by `verified.write`."""
-    entries = json.loads(verified.JSON.read_text())
-    again = "edited by hand or by an older harness: `python -m tests.verified` writes it again"
-    assert verified.MARKDOWN.read_text() == verified.markdown(entries), again
-    assert verified.BADGE.read_text() == verified.badge(entries), again
-    for run in entries.values():
-        assert f"{run['postgresql']}" in verified.badge_text(entries)
-    assert "asyncpg " in verified.badge_text(entries)
-    assert "psycopg " in verified.badge_text(entries)
-    assert '--8<-- "docs/.verified.md"' in (DOCS / "index.md").read_text()
 
 
 def test_mermaid_version_is_pinned_once() -> None:

@@ -1,89 +1,143 @@
-"""Writes what the last complete, green test run verified, for the index page to include.
+"""What complete, green test runs verified: written by the run, read by the site build.
 
-`docs/.verified.json` keeps one entry per PostgreSQL major version, so the embedded 16 run and CI's
-system 15 run add up; an entry made from other page contents (a different fingerprint) is dropped.
-`docs/.verified.md` is what the index page includes: a badge (`docs/assets/verified.svg`) with the
-PostgreSQL versions and drivers, and a sentence with the rest. None of them is typed by hand.
+A run writes one record per PostgreSQL major, `.cache/verified/pg<major>.json` (git-ignored), so
+nothing tracked changes: the exact server version, each driver's version and the blocks it ran,
+SQLAlchemy's and Python's versions, and the fingerprint of the pages and the package it ran.
+CI's runs on other majors write beside it (or are downloaded there) before the site is built.
+
+The same file is an MkDocs hook (`hooks:` in mkdocs.yml): the build keeps the records whose
+fingerprint is the content being built, and from them writes the index page's box, a sentence
+and a table in place of its `<!-- verified -->` line, and the badge `assets/verified.svg`. With
+none, both say "not verified in this build". MkDocs loads it by path, so it imports only the
+standard library and MkDocs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import re
+import tempfile
+from dataclasses import asdict, dataclass
 from html import escape
 from importlib.metadata import version
+from pathlib import Path
 
-from tests.blocks import DOCS
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
 
-JSON = DOCS / ".verified.json"
-MARKDOWN = DOCS / ".verified.md"
-BADGE = DOCS / "assets" / "verified.svg"
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = Path(".cache") / "verified"  # under the checkout: where runs write, the build reads
+BADGE = "assets/verified.svg"  # in the built site only
+MARKER = re.compile(r"^( *)<!-- verified -->$", re.M)  # the index page's line the box replaces
+NOT_VERIFIED = "not verified in this build"
+CONTENT = ("docs", "src")  # and alembic.ini, which the migrations pages run and include
+SUFFIXES = {".md", ".py", ".ini", ".mako"}
 
 
-def fingerprint() -> str:
-    """A hash of the pages and the package: a verification is only valid for this content."""
+def fingerprint(root: Path = ROOT) -> str:
+    """A hash of the pages, the package and the Alembic set-up the pages run: a record is only
+    true of the content it ran. (`docs/.bench/`, measured by `make bench`, is not run.)"""
     digest = hashlib.sha256()
-    roots = [DOCS, DOCS.parent / "src"]
-    for path in sorted(p for root in roots for p in root.rglob("*") if p.suffix in {".md", ".py"}):
-        if not path.name.startswith("."):
-            digest.update(path.relative_to(DOCS.parent).as_posix().encode())
-            digest.update(path.read_bytes())
+    paths = [root / "alembic.ini", *(p for part in CONTENT for p in (root / part).rglob("*"))]
+    for path in sorted(p for p in paths if p.suffix in SUFFIXES and p.is_file()):
+        parts = path.relative_to(root).parts
+        if not any(part.startswith(".") or part.endswith(".egg-info") for part in parts):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def record(server_version: str, blocks: int, consoles: int, exemptions: int) -> None:
-    """Add this run's server to the record and rewrite the sentence on the index page."""
-    current = fingerprint()
-    try:
-        entries: dict[str, dict[str, object]] = json.loads(JSON.read_text())
-    except (OSError, ValueError):
-        entries = {}
-    entries = {k: v for k, v in entries.items() if v.get("fingerprint") == current}
-    entries[server_version.split(".")[0]] = {
-        "fingerprint": current,
-        "postgresql": server_version.split()[0],
-        "asyncpg": version("asyncpg"),
-        "psycopg": version("psycopg"),
-        "sqlalchemy": version("sqlalchemy"),
-        "python": platform.python_version(),
-        "blocks": blocks,
-        "consoles": consoles,
-        "exemptions": exemptions,
-    }
-    JSON.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
-    write(entries)
+@dataclass(frozen=True)
+class Record:
+    """One complete, green run on one server."""
+
+    fingerprint: str
+    postgresql: str  # the exact server version, "16.2"
+    drivers: dict[str, dict[str, str | int]]  # name -> version, blocks, consoles
+    sqlalchemy: str
+    python: str
+    exemptions: int
+
+    @property
+    def major(self) -> int:
+        return int(self.postgresql.split(".")[0])
+
+    @classmethod
+    def of_this_run(
+        cls,
+        content: str,
+        server_version: str,
+        blocks: dict[str, int],
+        consoles: dict[str, int],
+        exemptions: int,
+    ) -> Record:
+        return cls(
+            fingerprint=content,
+            postgresql=server_version.split()[0],  # "16.2 (Debian 16.2-1)" -> "16.2"
+            drivers={
+                name: {"version": version(name), "blocks": count, "consoles": consoles[name]}
+                for name, count in blocks.items()
+            },
+            sqlalchemy=version("sqlalchemy"),
+            python=platform.python_version(),
+            exemptions=exemptions,
+        )
+
+    def write(self, root: Path = ROOT) -> Path:
+        """`pg<major>.json` under the records directory, replaced whole (never half-written)."""
+        directory = root / RECORDS
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"pg{self.major}.json"
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+            f.write(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        os.replace(f.name, path)
+        return path
 
 
-def write(entries: dict[str, dict[str, object]]) -> None:
-    """The index page's badge and sentence, from the recorded entries."""
-    MARKDOWN.write_text(markdown(entries))
-    BADGE.parent.mkdir(exist_ok=True)
-    BADGE.write_text(badge(entries))
+def records(root: Path = ROOT) -> list[Record]:
+    """The records that are true of this content, one per major, oldest major first."""
+    current = fingerprint(root)
+    found = []
+    for path in sorted((root / RECORDS).glob("pg*.json")):
+        try:
+            record = Record(**json.loads(path.read_text("utf-8")))
+        except (ValueError, TypeError) as error:
+            raise PluginError(f"{path}: not a record of a test run ({error})") from None
+        if record.fingerprint == current:
+            found.append(record)
+    return sorted(found, key=lambda record: record.major)
 
 
-def markdown(entries: dict[str, dict[str, object]]) -> str:
-    alt = escape(f"Verified on {badge_text(entries)}")
-    return f"![{alt}](assets/verified.svg)\n\n{sentence(entries)}\n"
+def summary(runs: list[Record]) -> str:
+    """`PostgreSQL 15.18, 16.2 · asyncpg 0.32.0 · psycopg 3.3.9`, or NOT_VERIFIED."""
+    if not runs:
+        return NOT_VERIFIED
+    servers = ", ".join(run.postgresql for run in runs)
+    drivers = " · ".join(
+        f"{name} {'/'.join(sorted({str(run.drivers[name]['version']) for run in runs}))}"
+        for name in runs[0].drivers
+    )
+    return f"PostgreSQL {servers} · {drivers}"
 
 
-def badge_text(entries: dict[str, dict[str, object]]) -> str:
-    """`PostgreSQL 15.14, 16.2 · asyncpg 0.32.0 · psycopg 3.3.9`: every server, the drivers."""
-    runs = [entries[k] for k in sorted(entries, key=int)]
-    servers = ", ".join(str(run["postgresql"]) for run in runs)
-    return f"PostgreSQL {servers} · asyncpg {runs[-1]['asyncpg']} · psycopg {runs[-1]['psycopg']}"
-
-
-def badge(entries: dict[str, dict[str, object]]) -> str:
-    """A two-part SVG badge, "verified" and `badge_text`; textLength fits it in any font."""
-    label, value = "verified", escape(badge_text(entries))
-    left, right = 10 + round(6.5 * len(label)), 10 + round(6.5 * len(badge_text(entries)))
+def badge(runs: list[Record]) -> str:
+    """A two-part SVG badge, "verified" and `summary`; textLength fits it in any font."""
+    label, value = ("verified", summary(runs)) if runs else ("not verified", "in this build")
+    title = escape(f"{label}: {value}" if runs else NOT_VERIFIED)
+    fill = "#3f51b5" if runs else "#9e9e9e"
+    left, right = 10 + round(6.5 * len(label)), 10 + round(6.5 * len(value))
+    label, value = escape(label), escape(value)
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + right}" height="20" role="img" '
-        f'aria-label="{label}: {value}">\n'
-        f"  <title>{label}: {value}</title>\n"
+        f'aria-label="{title}">\n'
+        f"  <title>{title}</title>\n"
         f'  <rect width="{left}" height="20" fill="#555"/>\n'
-        f'  <rect x="{left}" width="{right}" height="20" fill="#3f51b5"/>\n'
+        f'  <rect x="{left}" width="{right}" height="20" fill="{fill}"/>\n'
         '  <g fill="#fff" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11" '
         'text-anchor="middle">\n'
         f'    <text x="{left / 2}" y="14" textLength="{left - 10}">{label}</text>\n'
@@ -93,21 +147,73 @@ def badge(entries: dict[str, dict[str, object]]) -> str:
     )
 
 
-def sentence(entries: dict[str, dict[str, object]]) -> str:
-    runs = [entries[k] for k in sorted(entries, key=int)]
-    servers = " and ".join(f"**PostgreSQL {run['postgresql']}**" for run in runs)
-    last = runs[-1]
-    exempt = int(str(last["exemptions"]))
+def box(runs: list[Record]) -> str:
+    """The index page's admonition: the badge, a sentence, a table of every server."""
+    image = f"![{escape(summary(runs))}]({BADGE})"
+    if not runs:
+        return (
+            f'!!! warning "Not verified in this build"\n\n    {image}\n\n'
+            "    This site was built without the record of a complete, green test run of "
+            "these pages and this code: it was edited since, or built where the tests did not "
+            "run. `make test` writes one (`.cache/verified/`); CI publishes the site with its "
+            "records of every PostgreSQL major.\n"
+        )
+    servers = [f"**{run.postgresql}**" for run in runs]
+    servers_text = " and ".join([", ".join(servers[:-1]), servers[-1]] if servers[1:] else servers)
+    names = list(runs[0].drivers)
+    runs_text = (
+        "complete, green test runs, one per server," if runs[1:] else "a complete, green test run"
+    )
+    rows = "\n".join(
+        f"    | {run.postgresql} | "
+        + " | ".join(str(run.drivers[name]["version"]) for name in names)
+        + f" | {run.sqlalchemy} | {run.python} | {_count(run, 'blocks')} | "
+        f"{_count(run, 'consoles')} | {run.exemptions} |"
+        for run in runs
+    )
     return (
-        f"Every block on this site ran on {servers}, under **asyncpg {last['asyncpg']}** and "
-        f"**psycopg {last['psycopg']}** (SQLAlchemy {last['sqlalchemy']}, Python "
-        f"{last['python']}): {last['blocks']} Python blocks and {last['consoles']} console blocks "
-        f"per driver, {exempt} exemption{'' if exempt == 1 else 's'} listed by the run. "
-        "This sentence was written by that test run."
+        f'!!! success "Verified"\n\n    {image}\n\n'
+        f"    Every block on this site ran, unchanged, on PostgreSQL {servers_text}, under "
+        f"{' and '.join(names)}: in {runs_text} of exactly these pages and this code, "
+        "whose summary lists the exemptions.\n\n"
+        f"    | PostgreSQL | {' | '.join(names)} | SQLAlchemy | Python | Python blocks "
+        "| console blocks | exemptions |\n"
+        f"    |---|{'---|' * len(names)}---|---|---|---|---|\n"
+        f"{rows}\n"
     )
 
 
-if (
-    __name__ == "__main__"
-):  # `python -m tests.verified`: the badge and sentence again, from the JSON
-    write(json.loads(JSON.read_text()))
+def _count(run: Record, kind: str) -> str:
+    """`60 per driver`, or `60 asyncpg, 58 psycopg` where a block ran under one driver only."""
+    counts = {name: run.drivers[name][kind] for name in run.drivers}
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} per driver"
+    return ", ".join(f"{count} {name}" for name, count in counts.items())
+
+
+# The MkDocs hook: the badge as a file of the built site, the box on the index page.
+
+
+def _root(config: MkDocsConfig) -> Path:
+    return Path(config.config_file_path).resolve().parent
+
+
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+    stale = files.get_file_from_path(BADGE)
+    if stale is not None:  # a badge left in docs/ by an older harness: the build's wins
+        files.remove(stale)
+    files.append(File.generated(config, BADGE, content=badge(records(_root(config)))))
+    return files
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    if page.file.src_uri != "index.md":
+        return markdown
+    marker = MARKER.search(markdown)
+    if marker is None:
+        raise PluginError("index.md: the line `<!-- verified -->` the record goes in is missing")
+    indent = marker.group(1)
+    text = "\n".join(
+        indent + line if line else line for line in box(records(_root(config))).splitlines()
+    )
+    return markdown[: marker.start()] + text + markdown[marker.end() :]
