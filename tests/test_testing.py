@@ -256,3 +256,55 @@ def test_a_run_without_database_tests_never_connects(
     project.makepyfile(test_unit="def test_pure():\n    assert 1 + 1 == 2\n")
     result = project.runpytest_inprocess()
     result.assert_outcomes(passed=1)
+
+
+def test_with_one_loop_for_the_run_one_engine_serves_every_test(
+    driven: pytest.Pytester,
+) -> None:
+    """The connection a test used is the next test's too (a warm pool), and the rollback
+    isolates the tests all the same."""
+    driven.makeini(
+        INI.format(extra="asyncio_default_test_loop_scope = session").replace(
+            "fixture_loop_scope = function", "fixture_loop_scope = session"
+        )
+    )
+    driven.makepyfile(
+        test_warm=textwrap.dedent(
+            """\
+            from sqlalchemy import func, select, text
+
+            from dblayer.models import User
+            from dblayer.repositories import UserRepository
+
+            BACKENDS = []
+
+
+            async def test_first(session):
+                BACKENDS.append(await session.scalar(text("SELECT pg_backend_pid()")))
+                await UserRepository(session).create(
+                    email="ada@example.com", username="ada", hashed_password="x"
+                )
+                await session.commit()
+
+
+            async def test_second(session):
+                BACKENDS.append(await session.scalar(text("SELECT pg_backend_pid()")))
+                assert BACKENDS[0] == BACKENDS[1]
+                assert await session.scalar(select(func.count()).select_from(User)) == 0
+            """
+        )
+    )
+    result = driven.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
+def test_fixtures_in_the_run_s_loop_and_tests_in_their_own_is_refused(
+    project: pytest.Pytester,
+) -> None:
+    project.makeini(INI.format(extra="").replace("= function", "= session"))
+    project.makepyfile(test_any="async def test_needs_a_database(session):\n    pass\n")
+    result = project.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*asyncio_default_fixture_loop_scope = session needs asyncio_default_test_loop_scope*"]
+    )

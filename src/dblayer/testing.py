@@ -9,13 +9,17 @@ in a template database, by the function the `dblayer_setup` ini option names (by
 project's Alembic migrations); every database a test gets is a clone of it. Under pytest-xdist
 the controller starts the server and every worker shares it and the one template.
 
-Fixtures, all function-scoped, so they live in the test's own event loop whatever loop scope the
-test runs in (no "attached to a different loop"):
+Fixtures, all function-scoped. They follow pytest-asyncio's loop scope: with a loop per test
+(its default) the engine is made and disposed in each test's loop, so no connection is used from
+another loop ("attached to a different loop"); with `asyncio_default_fixture_loop_scope` and
+`asyncio_default_test_loop_scope` both `session`, one engine serves the run and its connections
+are reused (a plugin check refuses the first without the second).
 
 - `database_url`: a fresh clone for this test alone, dropped after it. For code that opens its own
   connections, or what a transaction cannot isolate (CONCURRENTLY, LISTEN/NOTIFY, advisory locks,
   two connections that must see each other's commits).
 - `engine`: an engine on this worker's database (one clone per worker, kept for the run).
+- `database_settings`: the `Settings` of that database, for code that builds its own engine.
 - `session`: an `AsyncSession` inside a transaction that is rolled back after the test. The code
   under test may `commit()` and `rollback()`: with `join_transaction_mode="create_savepoint"` they
   end savepoints, never the outer transaction, so nothing it writes outlives the test.
@@ -197,6 +201,16 @@ def _is_xdist_controller(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if _loop_lives_for_the_run(config) and (
+        config.getini("asyncio_default_test_loop_scope") != "session"
+    ):
+        # Fixtures in the run's loop, tests in loops of their own: every connection a fixture
+        # made would be used from another loop ("attached to a different loop").
+        raise pytest.UsageError(
+            "asyncio_default_fixture_loop_scope = session needs "
+            "asyncio_default_test_loop_scope = session too: tests must run in the loop their "
+            "fixtures' connections belong to"
+        )
     run = _Run(setup=str(config.getini(SETUP_INI)))
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and _URL_KEY in workerinput:
@@ -242,21 +256,45 @@ def database_url(_dblayer_run: _Run) -> Iterator[URL]:
 
 
 @pytest.fixture(scope="session")
-def _worker_database(_dblayer_run: _Run) -> str:
+def _worker_settings(_dblayer_run: _Run) -> Settings:
     """One clone per process, shared by its `engine` and `session` tests (they roll back)."""
-    return _dblayer_run.clone()
-
-
-@pytest.fixture
-def database_settings(_dblayer_run: _Run, _worker_database: str) -> Settings:
-    """The settings the `engine` and the app fixtures use: this worker's database."""
-    url = _dblayer_run.url(_worker_database, _driver())
+    url = _dblayer_run.url(_dblayer_run.clone(), _driver())
     return get_settings(database_url=url.render_as_string(hide_password=False))
 
 
+@pytest.fixture
+def database_settings(_worker_settings: Settings) -> Settings:
+    """The settings the `engine` and the `app` fixtures use: this worker's database."""
+    return _worker_settings
+
+
+def _loop_lives_for_the_run(config: pytest.Config) -> bool:
+    """Whether async fixtures share one event loop for the whole run (pytest-asyncio's
+    `asyncio_default_fixture_loop_scope = session`) rather than a loop per test."""
+    return bool(config.getini("asyncio_default_fixture_loop_scope") == "session")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def _run_engine(_worker_settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The engine for a run whose fixtures share one loop: its pool stays warm across tests.
+    Made lazily (no connection until used) and disposed in that loop at the end."""
+    engine = create_engine(_worker_settings)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
 @pytest_asyncio.fixture
-async def engine(database_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """Made and disposed in the test's own loop: safe under any loop scope."""
+async def engine(
+    request: pytest.FixtureRequest, database_settings: Settings, _run_engine: AsyncEngine
+) -> AsyncIterator[AsyncEngine]:
+    """An engine on this worker's database, in the loop the test's fixtures run in: one for
+    the run when that loop lives as long (connections are reused), else made for this test and
+    disposed after it (a pooled connection never outlives its loop)."""
+    if _loop_lives_for_the_run(request.config):
+        yield _run_engine
+        return
     engine = create_engine(database_settings)
     try:
         yield engine
