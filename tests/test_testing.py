@@ -141,6 +141,7 @@ def test_a_request_s_commit_is_seen_by_the_test_and_gone_in_the_next(
             from sqlalchemy import func, select
 
             from dblayer.models import User
+            from dblayer.repositories import UserRepository
 
             NEW = {"email": "ada@example.com", "username": "ada", "password": "correct horse"}
 
@@ -155,11 +156,19 @@ def test_a_request_s_commit_is_seen_by_the_test_and_gone_in_the_next(
 
             async def test_is_gone_in_the_next_test(client):
                 assert (await client.post("/users", json=NEW)).status_code == 201
+
+
+            async def test_a_failed_request_keeps_the_test_s_own_rows(client, session):
+                await UserRepository(session).create(
+                    email="ada@example.com", username="ada", hashed_password="x"
+                )  # flushed, not committed
+                assert (await client.post("/users", json=NEW)).status_code == 409
+                assert await session.scalar(select(func.count()).select_from(User)) == 1
             """
         )
     )
     result = driven.runpytest_inprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 def test_under_xdist_one_template_serves_every_worker(

@@ -325,19 +325,18 @@ def app(database_settings: Settings) -> FastAPI:
 
 @pytest_asyncio.fixture
 async def client(app: FastAPI, session: AsyncSession) -> AsyncIterator[httpx.AsyncClient]:
-    """The app, started (its lifespan runs), with its session dependency yielding `session`:
-    a request's commit ends a savepoint, so the test sees it and the next test does not."""
+    """The app, started (its lifespan runs), with its session dependency yielding `session`
+    in a savepoint per request: the test sees what a request wrote, a failed request undoes
+    only its own work, and the next test sees none of it."""
     import httpx
 
     from dblayer.api.deps import get_session
 
     async def test_session() -> AsyncIterator[AsyncSession]:
-        try:
+        # A request's own transaction, as a savepoint: released when the endpoint returns,
+        # rolled back when it raises, and the test's own rows (even uncommitted) stay.
+        async with session.begin_nested():
             yield session
-        except BaseException:
-            await session.rollback()
-            raise
-        await session.commit()
 
     app.dependency_overrides[get_session] = test_session
     try:
