@@ -256,16 +256,12 @@ def database_url(_dblayer_run: _Run) -> Iterator[URL]:
 
 
 @pytest.fixture(scope="session")
-def _worker_settings(_dblayer_run: _Run) -> Settings:
-    """One clone per process, shared by its `engine` and `session` tests (they roll back)."""
+def database_settings(_dblayer_run: _Run) -> Settings:
+    """The settings of this worker's database: one clone per process, kept for the run, which
+    `engine`, `session` and `app` use (the tests there roll back). Session-scoped, so a reader's
+    own session-scoped fixture may build on it."""
     url = _dblayer_run.url(_dblayer_run.clone(), _driver())
     return get_settings(database_url=url.render_as_string(hide_password=False))
-
-
-@pytest.fixture
-def database_settings(_worker_settings: Settings) -> Settings:
-    """The settings the `engine` and the `app` fixtures use: this worker's database."""
-    return _worker_settings
 
 
 def _loop_lives_for_the_run(config: pytest.Config) -> bool:
@@ -275,10 +271,10 @@ def _loop_lives_for_the_run(config: pytest.Config) -> bool:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def _run_engine(_worker_settings: Settings) -> AsyncIterator[AsyncEngine]:
+async def _run_engine(database_settings: Settings) -> AsyncIterator[AsyncEngine]:
     """The engine for a run whose fixtures share one loop: its pool stays warm across tests.
     Made lazily (no connection until used) and disposed in that loop at the end."""
-    engine = create_engine(_worker_settings)
+    engine = create_engine(database_settings)
     try:
         yield engine
     finally:
