@@ -221,29 +221,6 @@ def _parse_commands(body: str, where: str) -> Iterator[Command]:
         yield Command(line=command, raw="\n".join(raw), expected="\n".join(output).rstrip())
 
 
-_INCLUDE = re.compile(r'--8<-- "([^":]+)(?::([\w-]+))?"')
-
-
-def missing_includes(root: Path = DOCS) -> list[str]:
-    """Every `--8<-- "file:section"` in the pages whose file or section does not exist.
-
-    mkdocs --strict fails on these too; this says which, before the slower site build.
-    """
-    problems = []
-    for page in sorted(root.rglob("*.md")):
-        for match in _INCLUDE.finditer(page.read_text("utf-8")):
-            target, section = root.parent / match.group(1), match.group(2)
-            if not target.is_file():
-                problems.append(f"{page.name}: {match.group(1)} does not exist")
-                continue
-            text = target.read_text("utf-8")
-            if section and not (
-                f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text
-            ):
-                problems.append(f"{page.name}: {match.group(1)} has no section {section!r}")
-    return problems
-
-
 # The file a Python block is run from, as its output shows it: what a reader who saved the block
 # and ran it would see (pytest-examples would name it after the page: `pooling_536_567.py`).
 BLOCK_FILE = "main.py"

@@ -13,7 +13,6 @@ from tests.blocks import (
     FenceSettings,
     apply_console_updates,
     find_console_blocks,
-    missing_includes,
     normalise,
     ruff_format,
     run_block,
@@ -76,19 +75,6 @@ def test_console_blocks_are_parsed_and_rewritten(tmp_path: Path) -> None:
     assert apply_console_updates() == [f"{second}"]  # the first one did not change
     assert "    $ echo indented\n    indented\n    ```" in path.read_text()
     assert "$ echo a \\\n    b\na b\n$ true\n```" in path.read_text()
-
-
-def test_missing_includes_are_named(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (tmp_path / "code.py").write_text("# --8<-- [start:here]\nx = 1\n# --8<-- [end:here]\n")
-    (docs / "page.md").write_text(
-        '```python\n--8<-- "code.py:here"\n--8<-- "code.py:gone"\n--8<-- "nope.py"\n```\n'
-    )
-    assert missing_includes(docs) == [
-        "page.md: code.py has no section 'gone'",
-        "page.md: nope.py does not exist",
-    ]
 
 
 def test_a_console_block_must_start_with_a_command(tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from tests.blocks import (
     ConsoleBlock,
     FenceSettings,
     find_console_blocks,
-    missing_includes,
     name,
     normalise,
     python_blocks,
@@ -86,10 +85,6 @@ def _settings(
 
 def _kind(block: CodeExample | ConsoleBlock) -> str:
     return "console" if isinstance(block, ConsoleBlock) else "python"
-
-
-def test_every_include_resolves() -> None:
-    assert missing_includes() == []
 
 
 def test_diagrams_have_no_html_line_breaks() -> None:

@@ -180,6 +180,21 @@ def test_planted_faults_are_caught(
     assert all("console: Failed to load resource" in p for p in unexplained), unexplained
 
 
+def test_a_missing_include_fails_the_build(tmp_path: Path) -> None:
+    """pymdownx.snippets' `check_paths`: an included file or named section that is not there
+    stops the strict build, naming it."""
+    checkout = copy_checkout(tmp_path / "checkout")
+    page = checkout / "docs" / "sessions.md"
+    original = page.read_text("utf-8")
+    for include, message in [
+        ("src/dblayer/session.py:no-such-section", "section 'no-such-section' could not be"),
+        ("src/dblayer/no_such_module.py", "'src/dblayer/no_such_module.py' could not be found"),
+    ]:
+        page.write_text(f'{original}\n```python\n--8<-- "{include}"\n```\n', "utf-8")
+        with pytest.raises(BuildError, match=message):
+            build(checkout, tmp_path / "site")
+
+
 _RAW_LINK = re.compile(r"<a\s[^>]*\bhref=[^>]*>", re.I)
 
 
