@@ -21,11 +21,12 @@ from pydantic_core import to_jsonable_python
 from dblayer.settings import get_settings
 
 
-class InvalidCursorError(ValueError):
-    """A cursor that was edited, signed under another key, or is not a cursor at all."""
-
-
 # --8<-- [start:cursor]
+class InvalidCursorError(ValueError):
+    """A cursor that was edited, signed under another key, or is not a cursor at all (the
+    repository raises it as `InvalidQueryError`, a 422 in the API)."""
+
+
 @cache
 def default_cursor_secret() -> bytes:
     """`DB_CURSOR_SECRET`, read once per process; unset, a random key for this process only.
