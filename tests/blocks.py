@@ -19,17 +19,23 @@ Writing blocks that pytest-examples can keep up to date (learned the hard way):
 
 from __future__ import annotations
 
+import difflib
 import re
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pytest_examples import CodeExample, find_examples
+import pytest
+from pytest_examples import CodeExample, EvalExample, find_examples
 
 from dblayer.settings import DRIVERS, Driver
+from tests.paths import DOCS as DOCS  # also for tests/verified.py, until it imports tests.paths
+from tests.paths import ROOT
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs"}
@@ -215,24 +221,88 @@ def _parse_commands(body: str, where: str) -> Iterator[Command]:
         yield Command(line=command, raw="\n".join(raw), expected="\n".join(output).rstrip())
 
 
-_INCLUDE = re.compile(r'--8<-- "([^":]+)(?::([\w-]+))?"')
+# The file a Python block is run from, as its output shows it: what a reader who saved the block
+# and ran it would see (pytest-examples would name it after the page: `pooling_536_567.py`).
+BLOCK_FILE = "main.py"
 
 
-def missing_includes(root: Path = DOCS) -> list[str]:
-    """Every `--8<-- "file:section"` in the pages whose file or section does not exist.
+def name(block: CodeExample | ConsoleBlock) -> str:
+    """`docs/page.md:12-30`, whatever the working directory (tests run in their own)."""
+    path = block.path.relative_to(ROOT) if block.path.is_relative_to(ROOT) else block.path
+    return f"{path}:{block.start_line}-{block.end_line}"
 
-    mkdocs --strict fails on these too; this says which, before the slower site build.
+
+def run_block(
+    eval_example: EvalExample,
+    example: CodeExample,
+    module: dict[str, object],
+    mode: Literal["check", "update"] | None,
+) -> None:
+    """Run a Python block as `main.py` with `print` recorded, then by `mode`: "check" fails when
+    what it printed differs from its `#>` lines, "update" queues the page's new text, None only
+    runs it. Only a difference beyond what `normalise` treats as varying counts. The block's own
+    error fails the test in one message with the page's line numbers."""
+    script = eval_example.tmp_path / BLOCK_FILE
+
+    def write_as_main(example: CodeExample) -> Path:
+        script.write_text(example.source)
+        return script
+
+    eval_example._write_file = write_as_main  # type: ignore[method-assign]
+    example.test_id = eval_example._test_id
+    failure: str | None = None
+    try:
+        printed, _ = eval_example._run(example, mode, module, True, None)
+    except Exception as exc:
+        failure = _describe_block_error(example, exc)
+    if failure is not None:  # raised outside the `except`: the unrenderable traceback not chained
+        pytest.fail(failure, pytrace=False)
+    new_code = printed.updated_print_statements(example) if mode else None
+    if not new_code or normalise(new_code).rstrip() == normalise(example.source).rstrip():
+        return
+    if mode == "update":
+        example.source = new_code
+        eval_example._mark_for_update(example)
+    else:
+        printed.check_print_statements(example)  # fails with pytest-examples' own diff
+
+
+def _describe_block_error(example: CodeExample, exc: Exception) -> str:
+    """The error and the block's own frames, with page line numbers.
+
+    pytest-examples points the traceback at the page (its frames carry the page's path and line
+    numbers), which pytest cannot render on Python 3.11 (an INTERNALERROR); this is the part of it
+    a reader needs.
     """
-    problems = []
-    for page in sorted(root.rglob("*.md")):
-        for match in _INCLUDE.finditer(page.read_text("utf-8")):
-            target, section = root.parent / match.group(1), match.group(2)
-            if not target.is_file():
-                problems.append(f"{page.name}: {match.group(1)} does not exist")
-                continue
-            text = target.read_text("utf-8")
-            if section and not (
-                f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text
-            ):
-                problems.append(f"{page.name}: {match.group(1)} has no section {section!r}")
-    return problems
+    lines = [f"{name(example)} raised {type(exc).__name__}: {exc}"]
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename == str(example.path):
+            lines.append(f"  {example.path.name}:{tb.tb_lineno} in {code.co_name}")
+        tb = tb.tb_next
+    return "\n".join(lines)
+
+
+def ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) -> None:
+    """`ruff format` the block; `#>` lines are protected as pytest-examples does for black."""
+    protected = re.sub(r"^( *#)> ", r"\1 > ", example.source, flags=re.M)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--line-length=100", "-"],
+        input=protected,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    formatted = re.sub(r"^( *#) > ", r"\1> ", result.stdout, flags=re.M)
+    if formatted == example.source:
+        return
+    if not update:
+        diff = "".join(
+            difflib.unified_diff(
+                example.source.splitlines(True), formatted.splitlines(True), "page", "ruff format"
+            )
+        )
+        pytest.fail(f"{name(example)} is not ruff-formatted (make update-examples):\n{diff}")
+    example.source = formatted
+    eval_example._mark_for_update(example)

@@ -1,11 +1,12 @@
 """The built site as a reader sees it: every page opened in headless Chromium, with no network.
 
 `build` runs `mkdocs build --strict` on a checkout (or a scratch copy of one) with mermaid's
-JavaScript from `docs/assets/vendor` (the Makefile fetches it from the npm registry); `serve` serves
-the result on 127.0.0.1; `check_site` opens the pages and returns what a reader would have run
-into, one line each: console errors, diagrams that did not render or are hard to read in either
-palette, links and anchors that lead nowhere, missing copy buttons or tabs, requests that tried to
-leave the machine. The lists of pages and chapters come from the built site and `mkdocs.yml`.
+JavaScript from `docs/assets/vendor` (the Makefile fetches it from the npm registry); MkDocs itself
+checks every link and anchor there (`validation:` in mkdocs.yml). `serve` serves the result on
+127.0.0.1; `check_site` opens the pages and returns what only a browser sees, one line each:
+console errors, diagrams that did not render or are hard to read in either palette, missing copy
+buttons or tabs, chapters search does not find, requests that tried to leave the machine. The lists
+of pages and chapters come from the built site and `mkdocs.yml`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import yaml
 from PIL import Image
 from playwright.sync_api import ConsoleMessage, Page, Playwright, Request
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 MERMAID_JS = "assets/vendor/mermaid.min.js"  # under docs/, where `make` puts it
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"  # git-ignored
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -184,16 +185,9 @@ class Report:
     visited: list[str] = field(default_factory=list)
     diagrams: Counter[str] = field(default_factory=Counter)  # mermaid theme -> diagrams checked
     texts_checked: int = 0  # diagram labels whose contrast was measured
-    links_checked: int = 0
     copy_checked: bool = False
     left_the_machine: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass
-class _Seen:
-    ids: set[str]
-    links: list[str]
 
 
 # The labels of a diagram: every element with text of its own, its colour and box (relative to
@@ -219,9 +213,6 @@ host => {
 
 _PAGE_JS = """
 () => ({
-  ids: [...document.querySelectorAll("[id], a[name]")].map(e => e.id || e.getAttribute("name")),
-  // Not the markers of code annotations: Material opens their tooltip, which exists only then.
-  links: [...document.querySelectorAll("a[href]:not(.md-annotation__index)")].map(a => a.href),
   code: document.querySelectorAll(".md-content pre > code").length,
   copy: document.querySelectorAll(".md-content button.md-code__button[data-md-type=copy]").length,
   tabs: [...document.querySelectorAll(".md-content .tabbed-labels > label")]
@@ -258,13 +249,11 @@ def check_site(
             console: list[str] = []
             tab.on("console", functools.partial(_record_console, console))
             tab.on("pageerror", lambda error: console.append(f"uncaught {error}"))
-            seen: dict[str, _Seen] = {}
             for page in chosen:
                 console.clear()
-                seen[page.url] = _visit(tab, base, site, page, report, screenshots)
+                _visit(tab, base, site, page, report, screenshots)
                 report.problems += [f"{page.url or '/'}: console: {m}" for m in console]
                 report.visited.append(page.url)
-            _check_links(base, site, seen, report)
             console.clear()
             _check_search(tab, base, site, chapters(mkdocs_yml), report)
             report.problems += [f"search: console: {m}" for m in console]
@@ -289,7 +278,7 @@ def _record_console(console: list[str], message: ConsoleMessage) -> None:
 
 def _visit(
     tab: Page, base: str, site: Path, page: SitePage, report: Report, screenshots: Path | None
-) -> _Seen:
+) -> None:
     where = page.url or "/"
     tab.goto(base + page.url)
     markdown = page.source.read_text("utf-8")
@@ -324,7 +313,6 @@ def _visit(
     _screenshot(tab, screenshots, "light", page)
     if PALETTES["default"] in drawn:
         _check_palettes(tab, where, page, report, screenshots)
-    return _Seen(ids=set(found["ids"]), links=found["links"])
 
 
 _DRAWN_JS = """
@@ -490,35 +478,6 @@ def _screenshot(tab: Page, folder: Path | None, palette: str, page: SitePage) ->
         path = folder / palette / f"{page.slug}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=path)
-
-
-def _check_links(base: str, site: Path, seen: dict[str, _Seen], report: Report) -> None:
-    """Every link into the site leads to a file, and its #anchor to an element there."""
-    for url, page in seen.items():
-        for link in sorted(set(page.links)):
-            if not link.startswith(base):
-                continue  # other sites: not fetched (the test has no network)
-            report.links_checked += 1
-            parts = urlsplit(link)
-            path = unquote(parts.path).lstrip("/")
-            target = site / path / "index.html" if path.endswith("/") or not path else site / path
-            where = url or "/"
-            if not target.is_file():
-                report.problems.append(f"{where}: link to a missing page: /{path}")
-                continue
-            anchor = unquote(parts.fragment)
-            if not anchor:
-                continue
-            target_url = path if path.endswith("/") or not path else None
-            ids = seen[target_url].ids if target_url in seen else _static_ids(target)
-            if anchor not in ids:
-                report.problems.append(f"{where}: link to a missing anchor: /{path}#{anchor}")
-
-
-def _static_ids(html: Path) -> set[str]:
-    if html.suffix != ".html":
-        return set()
-    return set(re.findall(r'\b(?:id|name)="([^"]+)"', html.read_text("utf-8")))
 
 
 def _check_search(tab: Page, base: str, site: Path, nav: dict[str, str], report: Report) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -21,21 +20,10 @@ from dblayer.migrate import alembic_config, downgrade_to, head_revision
 from dblayer.models import User
 from dblayer.repositories import InvalidQueryError, TaskRepository
 from dblayer.session import session_scope
-from dblayer.settings import Settings, get_settings
+from dblayer.settings import get_settings
+from tests.apps import client_for, new_user, settings_for
 
 HOSTILE = ["'; DROP TABLE tasks; --", "%' OR '1'='1", "_", "\\", "x\x00y", "title)--", "\u202e"]
-
-
-def settings_for(url: URL, **values: object) -> Settings:
-    return get_settings(database_url=url.render_as_string(hide_password=False), **values)
-
-
-async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        # As a server would: an error after the response was sent is logged, not re-raised here.
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            yield client
 
 
 @pytest.fixture
@@ -47,16 +35,6 @@ def app(database_url: URL) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async for client in client_for(app):
         yield client
-
-
-async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, Any]:
-    response = await client.post(
-        "/users",
-        json={"email": f"{name}@example.com", "username": name, "password": "correct horse"},
-    )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def test_health_and_ready(client: httpx.AsyncClient, app: FastAPI) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import URL
 from dblayer.api import create_app
 from dblayer.api.schemas import CURSOR
 from dblayer.repositories import TaskRepository
-from tests.test_api import client_for, new_user, settings_for
+from tests.apps import client_for, new_user, settings_for
 
 SEED = 12  # a fixed seed: the same requests every run, so a failure reproduces
 CONFIG = {

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from dblayer.api import create_app
 from dblayer.engine import DatabaseUnavailableError, check_connection, create_engine
 from dblayer.settings import get_settings
-from tests.test_api import client_for
+from tests.apps import client_for
 
 
 def broken(url: URL, how: str, silent_port: int) -> URL:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -26,14 +25,8 @@ from dblayer.api import __main__ as serve
 from dblayer.api import create_app
 from dblayer.migrate import head_revision
 from dblayer.settings import get_settings
+from tests.apps import free_port
 from tests.databases import Databases
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def call(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

@@ -13,10 +13,10 @@ from tests.blocks import (
     FenceSettings,
     apply_console_updates,
     find_console_blocks,
-    missing_includes,
     normalise,
+    ruff_format,
+    run_block,
 )
-from tests.test_docs import _ruff_format, _run_print_check_normalised
 
 
 def test_normalise_keeps_what_matters() -> None:
@@ -77,19 +77,6 @@ def test_console_blocks_are_parsed_and_rewritten(tmp_path: Path) -> None:
     assert "$ echo a \\\n    b\na b\n$ true\n```" in path.read_text()
 
 
-def test_missing_includes_are_named(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (tmp_path / "code.py").write_text("# --8<-- [start:here]\nx = 1\n# --8<-- [end:here]\n")
-    (docs / "page.md").write_text(
-        '```python\n--8<-- "code.py:here"\n--8<-- "code.py:gone"\n--8<-- "nope.py"\n```\n'
-    )
-    assert missing_includes(docs) == [
-        "page.md: code.py has no section 'gone'",
-        "page.md: nope.py does not exist",
-    ]
-
-
 def test_a_console_block_must_start_with_a_command(tmp_path: Path) -> None:
     page(tmp_path, "```console\noutput without a command\n```\n")
     with pytest.raises(ValueError, match="starts with a `\\$ ` command"):
@@ -102,21 +89,44 @@ def example(source: str) -> CodeExample:
 
 
 def test_a_wrong_printed_output_fails(eval_example: EvalExample) -> None:
-    module: dict[str, object] = {"__name__": "__main__"}
-    _run_print_check_normalised(eval_example, example("print(1 + 1)\n#> 2\n"), module)
-    with pytest.raises(Failed, match="Print output changed code"):
-        _run_print_check_normalised(eval_example, example("print(1 + 1)\n#> 3\n"), module)
-    with pytest.raises(Failed, match="Print output changed code"):
-        _run_print_check_normalised(eval_example, example("print(1 + 1)\n"), module)
+    run_block(eval_example, example("print(1 + 1)\n#> 2\n"), {"__name__": "__main__"}, "check")
+    for wrong in ("print(1 + 1)\n#> 3\n", "print(1 + 1)\n"):
+        with pytest.raises(Failed, match="Print output changed code"):
+            run_block(eval_example, example(wrong), {"__name__": "__main__"}, "check")
 
 
 def test_a_varying_version_does_not_fail(eval_example: EvalExample) -> None:
-    module: dict[str, object] = {"__name__": "__main__"}
     source = 'print("PostgreSQL 15.18")\n#> PostgreSQL 16.2\n'
-    _run_print_check_normalised(eval_example, example(source), module)
+    run_block(eval_example, example(source), {"__name__": "__main__"}, "check")
+
+
+def test_a_block_that_raises_fails_with_its_page_lines(eval_example: EvalExample) -> None:
+    """One line for the error, one per frame of the block, numbered as on the page."""
+    source = "def f():\n    raise ValueError('no')\n\n\nf()\n"
+    with pytest.raises(Failed) as failed:
+        run_block(eval_example, example(source), {"__name__": "__main__"}, "check")
+    assert str(failed.value).splitlines() == [
+        "docs/page.md:10-15 raised ValueError: no",
+        "  page.md:15 in <module>",
+        "  page.md:12 in f",
+    ]
+
+
+def test_updating_rewrites_only_a_real_change(eval_example: EvalExample) -> None:
+    """`make update-examples` queues the new output; a changed version alone is left as it is."""
+    module: dict[str, object] = {"__name__": "__main__"}
+    same = example('print("PostgreSQL 15.18")\n#> PostgreSQL 16.2\n')
+    run_block(eval_example, same, module, "update")
+    assert same.source.endswith("#> PostgreSQL 16.2\n")
+    changed = example("print(1 + 1)\n#> 3\n")
+    run_block(eval_example, changed, module, "update")
+    assert changed.source == "print(1 + 1)\n#> 2\n"
+    only_run = example("print(1 + 1)\n#> 3\n")
+    run_block(eval_example, only_run, module, None)
+    assert only_run.source == "print(1 + 1)\n#> 3\n"
 
 
 def test_unformatted_blocks_fail(eval_example: EvalExample) -> None:
-    _ruff_format(example("x = 1\nprint(x)\n#> 1\n"), eval_example, update=False)
+    ruff_format(example("x = 1\nprint(x)\n#> 1\n"), eval_example, update=False)
     with pytest.raises(Failed, match="not ruff-formatted"):
-        _ruff_format(example("x=1\n"), eval_example, update=False)
+        ruff_format(example("x=1\n"), eval_example, update=False)

@@ -8,7 +8,6 @@ their output is compared after `blocks.normalise`. `make update-examples` rewrit
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import re
 import shutil
@@ -22,23 +21,23 @@ from typing import Literal
 
 import pytest
 from pytest_examples import CodeExample, EvalExample
-from pytest_examples.run_code import InsertPrintStatements
 
 from dblayer.models.diagram import er_diagram
 from dblayer.settings import DRIVERS, Driver
 from tests.blocks import (
     CONSOLE_UPDATES,
-    DOCS,
     ConsoleBlock,
     FenceSettings,
     find_console_blocks,
-    missing_includes,
+    name,
     normalise,
     python_blocks,
+    ruff_format,
+    run_block,
 )
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.paths import DOCS, ROOT
 
-ROOT = DOCS.parent
 RUFF_TOML = """\
 line-length = 100
 target-version = "py311"
@@ -47,9 +46,7 @@ extend-select = ["I", "UP", "B"]
 [lint.isort]
 known-first-party = ["dblayer"]
 """
-# The file a Python block is run from, and a console block's working directory as its output
-# shows them: what a reader who saved the block and ran it in their checkout would see.
-BLOCK_FILE = "main.py"
+# A console block's working directory as its output shows it: a reader's checkout.
 READER_PROJECT = "/home/you/project"
 PYTHON_BLOCKS, INCLUDES = python_blocks()
 CONSOLE_BLOCKS = list(find_console_blocks())
@@ -66,12 +63,6 @@ def _params(blocks: list[CodeExample] | list[ConsoleBlock]) -> list[object]:
         for block in blocks
         for driver in DRIVERS
     ]
-
-
-def name(block: CodeExample | ConsoleBlock) -> str:
-    """`docs/page.md:12-30`, whatever the working directory (tests run in their own)."""
-    path = block.path.relative_to(ROOT) if block.path.is_relative_to(ROOT) else block.path
-    return f"{path}:{block.start_line}-{block.end_line}"
 
 
 def _settings(
@@ -94,10 +85,6 @@ def _settings(
 
 def _kind(block: CodeExample | ConsoleBlock) -> str:
     return "console" if isinstance(block, ConsoleBlock) else "python"
-
-
-def test_every_include_resolves() -> None:
-    assert missing_includes() == []
 
 
 def test_diagrams_have_no_html_line_breaks() -> None:
@@ -174,19 +161,12 @@ def test_python_block(
             eval_example.format_ruff(example)  # `ruff check --fix`
         else:
             eval_example.lint_ruff(example)
-        _ruff_format(example, eval_example, update)
-    script = eval_example.tmp_path / BLOCK_FILE
-
-    def write_as_main(example: CodeExample) -> Path:
-        """pytest-examples names the file after the page and lines (`pooling_536_567.py`), and
-        that name shows in tracebacks and in anything that prints where code is."""
-        script.write_text(example.source)
-        return script
-
-    monkeypatch.setattr(eval_example, "_write_file", write_as_main)
-    module: dict[str, object] = {"__name__": "__main__"}
+        ruff_format(example, eval_example, update)
+    mode: Literal["check", "update"] | None = "check"
+    if update:  # the page is rewritten at the end of the run, from the primary driver's output
+        mode = "update" if driver == primary else None
     with _interrupts_stop_the_run(), _warnings_as_a_script_sees_them():
-        _run_block(eval_example, example, module, update, driver == primary, script)
+        run_block(eval_example, example, {"__name__": "__main__"}, mode)
 
 
 @contextlib.contextmanager
@@ -229,108 +209,6 @@ def _interrupts_stop_the_run() -> Iterator[None]:
             signal.signal(sig, old)
     if interrupted:
         raise KeyboardInterrupt(f"signal {interrupted[0]} while a block ran")
-
-
-def _run_block(
-    eval_example: EvalExample,
-    example: CodeExample,
-    module: dict[str, object],
-    update: bool,
-    primary: bool,
-    script: Path,
-) -> None:
-    failure = None
-    try:
-        if update and primary:
-            _run_print_update_normalised(eval_example, example, module)
-        elif update:  # the page is rewritten at the end of the run: nothing to compare with yet
-            eval_example.run(example, module_globals=module)
-        else:
-            _run_print_check_normalised(eval_example, example, module)
-    except pytest.fail.Exception:
-        raise
-    except Exception as exc:
-        failure = _describe_block_error(example, exc, script)
-    if failure:  # raised outside the `except`, so the unrenderable traceback is not chained on
-        pytest.fail(failure, pytrace=False)
-
-
-def _run_print_update_normalised(
-    eval_example: EvalExample, example: CodeExample, module: dict[str, object]
-) -> None:
-    """Like `run_print_update`, but leaves the page alone when only varying values changed."""
-    _, new_code = _run_printing(eval_example, example, module, "update")
-    if new_code is not None:
-        example.source = new_code
-        eval_example._mark_for_update(example)
-
-
-def _run_printing(
-    eval_example: EvalExample,
-    example: CodeExample,
-    module: dict[str, object],
-    mode: Literal["check", "update"],
-) -> tuple[InsertPrintStatements, str | None]:
-    """Run the block with `print` recorded; the page's new text if its output really changed
-    (not just in what `blocks.normalise` treats as varying), else None."""
-    example.test_id = eval_example._test_id
-    printed: InsertPrintStatements
-    printed, _ = eval_example._run(example, mode, module, True, None)
-    new_code = printed.updated_print_statements(example)
-    if new_code and normalise(new_code).rstrip() != normalise(example.source).rstrip():
-        return printed, new_code
-    return printed, None
-
-
-def _describe_block_error(example: CodeExample, exc: Exception, script: Path) -> str:
-    """The error and the block's own frames, with page line numbers.
-
-    pytest-examples points the traceback at the page, which pytest cannot render on Python 3.11
-    (an INTERNALERROR); this is the part of it a reader needs.
-    """
-    lines = [f"{name(example)} raised {type(exc).__name__}: {exc}"]
-    tb = exc.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_filename == str(script):
-            lines.append(
-                f"  {example.path.name}:{example.start_line + tb.tb_lineno} in {code.co_name}"
-            )
-        tb = tb.tb_next
-    return "\n".join(lines)
-
-
-def _ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) -> None:
-    """`ruff format` the block; `#>` lines are protected as pytest-examples does for black."""
-    protected = re.sub(r"^( *#)> ", r"\1 > ", example.source, flags=re.M)
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--line-length=100", "-"],
-        input=protected,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    formatted = re.sub(r"^( *#) > ", r"\1> ", result.stdout, flags=re.M)
-    if formatted == example.source:
-        return
-    if not update:
-        diff = "".join(
-            difflib.unified_diff(
-                example.source.splitlines(True), formatted.splitlines(True), "page", "ruff format"
-            )
-        )
-        pytest.fail(f"{name(example)} is not ruff-formatted (make update-examples):\n{diff}")
-    example.source = formatted
-    eval_example._mark_for_update(example)
-
-
-def _run_print_check_normalised(
-    eval_example: EvalExample, example: CodeExample, module: dict[str, object]
-) -> None:
-    """Like `run_print_check`, but versions and durations may differ (see `blocks.normalise`)."""
-    printed, new_code = _run_printing(eval_example, example, module, "check")
-    if new_code is not None:
-        printed.check_print_statements(example)  # fails with pytest-examples' own diff
 
 
 @pytest.mark.parametrize(("block", "driver"), _params(CONSOLE_BLOCKS))

@@ -22,6 +22,7 @@ from dblayer.migrate import (
     head_revision,
     upgrade_to_head,
 )
+from tests.paths import ROOT
 
 # The catalog's view of the schema, Alembic's own bookkeeping table left out.
 SCHEMA = text(
@@ -94,7 +95,7 @@ def test_the_command_line_path_runs_on_its_own_event_loop(
 ) -> None:
     """`alembic downgrade`/`upgrade` from a shell: no connection handed in, settings from env."""
     monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
-    ini = Config(str(Path(__file__).resolve().parent.parent / "alembic.ini"))  # as `alembic` does
+    ini = Config(str(ROOT / "alembic.ini"))  # as `alembic` does
     command.downgrade(ini, "base")
     command.upgrade(ini, "head")
     command.check(ini)  # raises when the models and the database differ

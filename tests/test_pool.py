@@ -16,11 +16,8 @@ from sqlalchemy.pool import NullPool
 from dblayer.embedded import EmbeddedPostgres
 from dblayer.engine import connect_args, create_engine
 from dblayer.pool import CheckoutWatch, _caller, plan_pool, pool_status, server_limits
-from dblayer.settings import Driver, Settings, SettingsError, get_settings
-
-
-def settings_for(url: URL, **values: object) -> Settings:
-    return get_settings(database_url=url.render_as_string(hide_password=False), **values)
+from dblayer.settings import Driver, SettingsError, get_settings
+from tests.apps import settings_for
 
 
 async def test_pool_settings_reach_the_pool(database_url: URL) -> None:

@@ -20,8 +20,8 @@ from dblayer.repositories import TaskRepository
 from dblayer.services import UserService
 from dblayer.session import session_scope
 from dblayer.settings import Driver, get_settings
+from tests.apps import free_port
 from tests.databases import Databases
-from tests.test_api_served import free_port
 
 
 def test_prestart_migrates_and_seeds_once(

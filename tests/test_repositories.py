@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dblayer.models import Task, TaskStatus, User
 from dblayer.repositories import InvalidQueryError, Page, Repository, TaskRepository, UserRepository
-from dblayer.repositories.base import _encode_payload, default_cursor_secret
+from dblayer.repositories.cursors import _encode_payload, default_cursor_secret
 from dblayer.session import session_scope
 from dblayer.settings import SettingsError, get_settings
 

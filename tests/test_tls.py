@@ -22,7 +22,7 @@ from sqlalchemy import make_url, text
 from dblayer.embedded import Binaries, EmbeddedPostgres, find_binaries
 from dblayer.engine import check_connection, create_engine
 from dblayer.settings import Driver, get_settings
-from tests.test_engine import unavailable_error
+from tests.unavailable import unavailable_error
 
 
 @dataclass(frozen=True)

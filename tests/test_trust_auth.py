@@ -19,8 +19,8 @@ import pytest
 
 from dblayer.embedded import EmbeddedPostgres
 from tests.databases import NO_PASSWORD_AUTH
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 LONGEST_FIRST = True  # see conftest: start the slow ones first
 
 SELECTION = [

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.browser import ROOT
-from tests.test_site import plant
+from tests.faults import plant
+from tests.paths import ROOT
 
 WORKFLOW = ROOT / ".github" / "workflows" / "docs.yml"
 

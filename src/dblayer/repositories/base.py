@@ -8,23 +8,16 @@ every value a client sends travels as a bound parameter, never as SQL text.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import json
-import secrets
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import SecretStr, TypeAdapter, ValidationError
 from sqlalchemy import (
-    Column,
     ColumnElement,
     Select,
-    Table,
     bindparam,
     delete,
     func,
@@ -35,19 +28,17 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import (
-    DatabaseError,
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    OperationalError,
-    ProgrammingError,
-)
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from dblayer.models import Base, SoftDeleteMixin
-from dblayer.settings import get_settings
+from dblayer.repositories.copy import copy_rows
+from dblayer.repositories.cursors import (
+    InvalidCursorError,
+    decode_cursor,
+    default_cursor_secret,
+    encode_cursor,
+)
 
 ModelT = TypeVar("ModelT", bound=Base)
 
@@ -177,7 +168,7 @@ class Repository(Generic[ModelT]):
         pair = tuple_(key, self._pk)
         statement = self._select().where(*self._conditions(filters), *where)
         if cursor is not None:
-            value, id = _decode_cursor(self._cursor_key(), cursor, sort, self.model, field)
+            value, id = self._decode_cursor(cursor, sort, key)
             after = tuple_(literal(value, key.type), literal(id, self._pk.type))
             statement = statement.where(pair < after if descending else pair > after)
         order = (key.desc(), self._pk.desc()) if descending else (key.asc(), self._pk.asc())
@@ -187,8 +178,8 @@ class Repository(Generic[ModelT]):
         last = items[-1] if more else None
         next_cursor = None
         if last is not None:
-            next_cursor = _encode_cursor(
-                self._cursor_key(), self.model, sort, *_values(last, field, "id")
+            next_cursor = encode_cursor(
+                self._cursor_key(), self.model.__name__, sort, *_values(last, field, "id")
             )
         return Page(items, next_cursor)
         # --8<-- [end:get_multi]
@@ -202,7 +193,7 @@ class Repository(Generic[ModelT]):
         if len(rows) < self.copy_threshold:
             await self.session.execute(insert(self.model), list(rows))  # one multi-row INSERT
         else:
-            await _copy(await self.session.connection(), self.model, rows)
+            await copy_rows(await self.session.connection(), self.model, rows)
         return len(rows)
 
     async def bulk_update(self, ids: Sequence[uuid.UUID], **values: Any) -> int:
@@ -228,6 +219,15 @@ class Repository(Generic[ModelT]):
         if self._secret is not None:
             return self._secret.get_secret_value().encode()
         return default_cursor_secret()
+
+    def _decode_cursor(
+        self, cursor: str, sort: str, key: InstrumentedAttribute[Any]
+    ) -> tuple[Any, uuid.UUID]:
+        validate = _adapter(key.type.python_type).validate_python
+        try:
+            return decode_cursor(self._cursor_key(), cursor, sort, self.model.__name__, validate)
+        except InvalidCursorError as error:
+            raise InvalidQueryError(str(error)) from None
 
     @property
     def _pk(self) -> InstrumentedAttribute[Any]:
@@ -275,151 +275,3 @@ def _values(obj: Base, *names: str) -> list[Any]:
 @cache
 def _adapter(python_type: Any) -> TypeAdapter[Any]:
     return TypeAdapter(python_type)
-
-
-# --8<-- [start:cursor]
-@cache
-def default_cursor_secret() -> bytes:
-    """`DB_CURSOR_SECRET`, read once per process; unset, a random key for this process only.
-
-    The random default suits one process (a script, the tests). Several instances of an app, or
-    several workers of one server, must share the setting to accept each other's cursors; with the
-    default, each refuses the others', and a restart refuses all issued before it."""
-    configured = get_settings().db_cursor_secret
-    return secrets.token_bytes(32) if configured is None else configured.get_secret_value().encode()
-
-
-def _encode_cursor(key: bytes, model: type[Base], sort: str, value: object, id: uuid.UUID) -> str:
-    """An opaque, URL-safe token: the sort it belongs to and the last row's (value, id), signed."""
-    kind: Any = type(value)
-    payload = [sort, _adapter(kind).dump_python(value, mode="json"), str(id)]
-    return _encode_payload(key, model.__name__, payload)
-
-
-def _encode_payload(key: bytes, model_name: str, payload: list[Any]) -> str:
-    """`<base64url JSON>.<base64url HMAC-SHA256>`; the signature also covers the model's name."""
-    data = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
-    return f"{data}.{_signature(key, model_name, data)}"
-
-
-def _signature(key: bytes, model_name: str, data: str) -> str:
-    digest = hmac.digest(key, f"{model_name}.{data}".encode(), "sha256")
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
-
-def _decode_cursor(
-    key: bytes, cursor: str, sort: str, model: type[Base], field: str
-) -> tuple[Any, Any]:
-    """The (value, id) pair: the signature first (an edited or foreign cursor is refused), then
-    the values, typed and checked as if they came from the client."""
-    data, _, signature = cursor.partition(".")
-    expected = _signature(key, model.__name__, data)
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
-        raise InvalidQueryError("invalid cursor")
-    try:
-        raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
-        cursor_sort, value, id = json.loads(raw)
-        if cursor_sort != sort:
-            raise InvalidQueryError("this cursor belongs to another sort order")
-        python_type = _column(model, field).type.python_type
-        return _adapter(python_type).validate_python(value), uuid.UUID(id)
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
-        if isinstance(exc, InvalidQueryError):
-            raise
-        raise InvalidQueryError("invalid cursor") from None
-    # --8<-- [end:cursor]
-
-
-# --8<-- [start:copy]
-async def _copy(
-    connection: AsyncConnection, model: type[Base], rows: Sequence[Mapping[str, Any]]
-) -> None:
-    """COPY the rows into the model's table, on the session's connection and transaction.
-
-    Columns are those the rows name plus those with a Python-side default (filled in here, as
-    the ORM would); each value goes through the column type's bind processor (enum -> name).
-    """
-    table: Table = model.__table__  # type: ignore[assignment]
-    names = set().union(*rows)
-    unknown = names - set(table.columns.keys())
-    if unknown:
-        raise ValueError(f"{model.__name__} has no column(s) {sorted(unknown)}")
-    columns = [c for c in table.columns if c.key in names or c.default is not None]
-    dialect = connection.dialect
-    cells = [_cell(column, column.type.bind_processor(dialect)) for column in columns]
-    records = [tuple(cell(row) for cell in cells) for row in rows]
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
-    if dialect.driver == "asyncpg":
-        if not driver.is_in_transaction():
-            # asyncpg has no implicit transaction: SQLAlchemy sends BEGIN with its first statement.
-            # Let it, so the COPY belongs to the caller's transaction and rolls back with it.
-            await connection.execute(select(1))
-        try:
-            await driver.copy_records_to_table(
-                table.name,
-                records=records,
-                columns=[c.name for c in columns],
-                schema_name=table.schema,
-            )
-        except Exception as error:
-            _raise_as_sqlalchemy_error(error, f"COPY {table.name}")
-        return
-    from psycopg import sql
-
-    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(*filter(None, [table.schema, table.name])),
-        sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
-    )
-    try:
-        async with driver.cursor() as cursor, cursor.copy(statement) as copy:
-            for values in records:
-                await copy.write_row(values)
-    except Exception as error:
-        _raise_as_sqlalchemy_error(error, f"COPY {table.name}")
-    # --8<-- [end:copy]
-
-
-# SQLSTATE class -> the exception SQLAlchemy raises for it on any other statement.
-_ERRORS_BY_CLASS: dict[str, type[DBAPIError]] = {
-    "22": DataError,  # a value does not fit (too long, out of range, bad text)
-    "23": IntegrityError,  # unique, foreign key, check, not null
-    "40": OperationalError,  # serialization failure, deadlock
-    "42": ProgrammingError,  # a missing table or column
-}
-
-
-def _raise_as_sqlalchemy_error(error: Exception, statement: str) -> NoReturn:
-    """The driver's error as SQLAlchemy raises it for every other statement (`IntegrityError`
-    for a duplicate key, the driver's error as `.orig`, its SQLSTATE as `.orig.sqlstate`).
-    COPY runs on the driver's own connection, so nothing wrapped it, and a caller catching
-    `IntegrityError` would have missed it. Classified by SQLSTATE, the same for both drivers;
-    an error without one (not from the server) is raised as it is."""
-    sqlstate = getattr(error, "sqlstate", None)
-    if not isinstance(sqlstate, str):
-        raise error
-    kind = _ERRORS_BY_CLASS.get(sqlstate[:2], DatabaseError)
-    raise kind(statement, None, error, hide_parameters=True) from error
-
-
-def _cell(
-    column: Column[Any], process: Callable[[Any], Any] | None
-) -> Callable[[Mapping[str, Any]], Any]:
-    """How to get this column's value out of a row: the row's own value, else the default (a
-    constant converted once, or a function such as uuid7 called per row), then converted."""
-    key, default = column.key, column.default
-    factory: Callable[[Any], Any] | None = None
-    constant: Any = None
-    if default is not None and default.is_callable:
-        factory = default.arg  # type: ignore[attr-defined]
-    elif default is not None:
-        constant = default.arg  # type: ignore[attr-defined]
-        constant = process(constant) if process else constant
-    convert = process or (lambda value: value)
-
-    def cell(row: Mapping[str, Any]) -> Any:
-        if key in row:
-            return convert(row[key])
-        return convert(factory(None)) if factory else constant
-
-    return cell
