@@ -33,8 +33,7 @@ import pytest
 from pytest_examples import CodeExample, EvalExample, find_examples
 
 from dblayer.settings import DRIVERS, Driver
-from tests.paths import DOCS as DOCS  # also for tests/verified.py, until it imports tests.paths
-from tests.paths import ROOT
+from tests.paths import DOCS, ROOT
 
 _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')

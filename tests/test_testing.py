@@ -3,6 +3,7 @@ conftest enables it, against this run's server (in-process, so coverage sees the
 
 from __future__ import annotations
 
+import secrets
 import socket
 import textwrap
 
@@ -27,18 +28,26 @@ INI = textwrap.dedent(
     [pytest]
     asyncio_mode = auto
     asyncio_default_fixture_loop_scope = function
+    dblayer_database_prefix = {prefix}
     {extra}
     """
 )
 
 
 @pytest.fixture
+def prefix() -> str:
+    """The inner run's database prefix: its own, so a check for leftovers sees only its
+    databases, not those of an inner run on another xdist worker."""
+    return f"dblayer_testing_{secrets.token_hex(3)}_"
+
+
+@pytest.fixture
 def project(
-    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch, prefix: str
 ) -> pytest.Pytester:
     """A reader's project: a conftest that enables the plugin, and this run's server."""
     pytester.makeconftest(CONFTEST)
-    pytester.makeini(INI.format(extra=""))
+    pytester.makeini(INI.format(extra="", prefix=prefix))
     monkeypatch.setenv("TEST_DATABASE_URL", server.admin_url.render_as_string(hide_password=False))
     return pytester
 
@@ -52,16 +61,16 @@ def driven(
     return project
 
 
-def leftover_databases(server: Server) -> list[str]:
+def leftover_databases(server: Server, prefix: str) -> list[str]:
     with connect(server.admin_url) as conn:
         rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'dblayer\\_testing\\_%'"
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
         ).fetchall()
     return [str(name) for (name,) in rows]
 
 
 def test_code_under_test_commits_and_rolls_back_and_nothing_outlives_the_test(
-    driven: pytest.Pytester, server: Server
+    driven: pytest.Pytester, server: Server, prefix: str
 ) -> None:
     driven.makepyfile(
         test_users=textwrap.dedent(
@@ -93,11 +102,11 @@ def test_code_under_test_commits_and_rolls_back_and_nothing_outlives_the_test(
     )
     result = driven.runpytest_inprocess("-p", "no:randomly")
     result.assert_outcomes(passed=2)
-    assert leftover_databases(server) == []
+    assert leftover_databases(server, prefix) == []
 
 
 def test_database_url_is_a_fresh_clone_dropped_after_the_test(
-    driven: pytest.Pytester, server: Server
+    driven: pytest.Pytester, server: Server, prefix: str
 ) -> None:
     driven.makepyfile(
         test_clone=textwrap.dedent(
@@ -129,7 +138,7 @@ def test_database_url_is_a_fresh_clone_dropped_after_the_test(
     )
     result = driven.runpytest_inprocess("-p", "no:randomly")
     result.assert_outcomes(passed=2)
-    assert leftover_databases(server) == []
+    assert leftover_databases(server, prefix) == []
 
 
 def test_a_request_s_commit_is_seen_by_the_test_and_gone_in_the_next(
@@ -172,7 +181,7 @@ def test_a_request_s_commit_is_seen_by_the_test_and_gone_in_the_next(
 
 
 def test_under_xdist_one_template_serves_every_worker(
-    project: pytest.Pytester, server: Server
+    project: pytest.Pytester, server: Server, prefix: str
 ) -> None:
     project.makepyfile(
         test_many=textwrap.dedent(
@@ -185,21 +194,21 @@ def test_under_xdist_one_template_serves_every_worker(
             async def test_one_template(session, n):
                 found = await session.scalar(text(
                     "SELECT count(*) FROM pg_database WHERE datname LIKE '%\\\\_template'"
-                    " AND datname LIKE 'dblayer\\\\_testing\\\\_%'"
+                    " AND starts_with(datname, '{prefix}')"
                 ))
                 assert found == 1
             """
-        )
+        ).replace("{prefix}", prefix)
     )
     result = project.runpytest_inprocess("-n", "2", "-p", "xdist")
     result.assert_outcomes(passed=6)
-    assert leftover_databases(server) == []
+    assert leftover_databases(server, prefix) == []
 
 
 def test_a_failing_setup_leaves_no_template_to_trust(
-    project: pytest.Pytester, server: Server
+    project: pytest.Pytester, server: Server, prefix: str
 ) -> None:
-    project.makeini(INI.format(extra="dblayer_setup = broken_setup:build"))
+    project.makeini(INI.format(extra="dblayer_setup = broken_setup:build", prefix=prefix))
     project.makepyfile(
         broken_setup="def build(connection):\n    raise RuntimeError('the migration failed')\n",
         test_any="async def test_needs_a_database(database_url):\n    pass\n",
@@ -207,7 +216,7 @@ def test_a_failing_setup_leaves_no_template_to_trust(
     result = project.runpytest_inprocess()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*RuntimeError: the migration failed*"])
-    assert leftover_databases(server) == []
+    assert leftover_databases(server, prefix) == []
 
 
 @pytest.mark.parametrize(
@@ -218,10 +227,14 @@ def test_a_failing_setup_leaves_no_template_to_trust(
     ],
 )
 def test_a_wrong_setting_is_one_clear_line(
-    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, setting: str, message: str
+    project: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    message: str,
+    prefix: str,
 ) -> None:
     if setting == "ini":
-        project.makeini(INI.format(extra="dblayer_setup = no_colon"))
+        project.makeini(INI.format(extra="dblayer_setup = no_colon", prefix=prefix))
     else:
         monkeypatch.setenv("DATABASE_DRIVER", "mysql")
     project.makepyfile(test_any="async def test_needs_a_database(database_url):\n    pass\n")
@@ -268,12 +281,12 @@ def test_a_run_without_database_tests_never_connects(
 
 
 def test_with_one_loop_for_the_run_one_engine_serves_every_test(
-    driven: pytest.Pytester,
+    driven: pytest.Pytester, prefix: str
 ) -> None:
     """The connection a test used is the next test's too (a warm pool), and the rollback
     isolates the tests all the same."""
     driven.makeini(
-        INI.format(extra="asyncio_default_test_loop_scope = session").replace(
+        INI.format(extra="asyncio_default_test_loop_scope = session", prefix=prefix).replace(
             "fixture_loop_scope = function", "fixture_loop_scope = session"
         )
     )
@@ -308,12 +321,19 @@ def test_with_one_loop_for_the_run_one_engine_serves_every_test(
 
 
 def test_fixtures_in_the_run_s_loop_and_tests_in_their_own_is_refused(
-    project: pytest.Pytester,
+    project: pytest.Pytester, prefix: str
 ) -> None:
-    project.makeini(INI.format(extra="").replace("= function", "= session"))
+    project.makeini(INI.format(extra="", prefix=prefix).replace("= function", "= session"))
     project.makepyfile(test_any="async def test_needs_a_database(session):\n    pass\n")
     result = project.runpytest_inprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["*asyncio_default_fixture_loop_scope = session needs asyncio_default_test_loop_scope*"]
     )
+
+
+def test_a_prefix_that_is_no_plain_name_is_refused(project: pytest.Pytester) -> None:
+    project.makeini(INI.format(extra="", prefix="Our-Tests"))
+    result = project.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*dblayer_database_prefix = 'Our-Tests': expected lower-case*"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 PREFIX = "dblayer_testing_"  # every database this plugin makes; it never drops anything else
+PREFIX_INI = "dblayer_database_prefix"
 SETUP_INI = "dblayer_setup"
+_PREFIX_SHAPE = re.compile(r"[a-z_][a-z0-9_]{0,29}")  # leaves room in PostgreSQL's 63 bytes
 DEFAULT_SETUP = "dblayer.migrate:upgrade"
 _URL_KEY = "dblayer_testing_url"  # handed from the xdist controller to its workers
 _RUN_KEY = "dblayer_testing_run"
@@ -63,6 +66,12 @@ _RUN = pytest.StashKey["_Run"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        PREFIX_INI,
+        "the start of every database name the plugin makes (and the only ones it drops); "
+        f"one per project when several share a server (default: {PREFIX})",
+        default=PREFIX,
+    )
     parser.addini(
         SETUP_INI,
         "module:function that builds the template's schema, given a SQLAlchemy Connection "
@@ -76,6 +85,7 @@ class _Run:
     """The server and the databases of one test run, in one process."""
 
     setup: str
+    prefix: str = PREFIX
     run: str = field(default_factory=lambda: secrets.token_hex(4))
     admin_url: URL | None = None  # a maintenance database on the server
     embedded: EmbeddedPostgres | None = None
@@ -102,7 +112,7 @@ class _Run:
 
     @property
     def template(self) -> str:
-        return f"{PREFIX}{self.run}_template"
+        return f"{self.prefix}{self.run}_template"
 
     def url(self, database: str, driver: Driver) -> URL:
         return self.start().set(drivername=f"postgresql+{driver}", database=database)
@@ -135,7 +145,7 @@ class _Run:
     def clone(self) -> str:
         """A new database from the template: `CREATE DATABASE … TEMPLATE`, tens of ms."""
         template = self.build_template()
-        name = f"{PREFIX}{self.run}_{secrets.token_hex(4)}"
+        name = f"{self.prefix}{self.run}_{secrets.token_hex(4)}"
         # FILE_COPY (PostgreSQL 15+) copies files instead of WAL-logging every block: faster for
         # a small template, and what older servers always did.
         strategy = " STRATEGY FILE_COPY" if self.admin.info.server_version >= 150000 else ""
@@ -150,7 +160,7 @@ class _Run:
         embedded server; a worker only closes its connection."""
         try:
             if self.owner and self.admin_url is not None:
-                pattern = f"{PREFIX}{self.run}\\_%"
+                pattern = f"{self.prefix}{self.run}\\_%"
                 rows = self.admin.execute(
                     "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY datname DESC",
                     (pattern,),
@@ -211,7 +221,13 @@ def pytest_configure(config: pytest.Config) -> None:
             "asyncio_default_test_loop_scope = session too: tests must run in the loop their "
             "fixtures' connections belong to"
         )
-    run = _Run(setup=str(config.getini(SETUP_INI)))
+    prefix = str(config.getini(PREFIX_INI))
+    if not _PREFIX_SHAPE.fullmatch(prefix):
+        raise pytest.UsageError(
+            f"{PREFIX_INI} = {prefix!r}: expected lower-case letters, digits and _ "
+            "(at most 30), not starting with a digit"
+        )
+    run = _Run(setup=str(config.getini(SETUP_INI)), prefix=prefix)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and _URL_KEY in workerinput:
         # An xdist worker: the controller's server, run id and template.
