@@ -37,7 +37,8 @@ from tests.paths import DOCS, ROOT
 
 _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
-_KNOWN = {"test", "drivers", "reason", "title", "needs"}
+_KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
+_FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
 _NEEDS = {"password-auth"}  # what a reader's server may not offer (see FenceSettings.needs)
 
 # What legitimately differs between runs, replaced on both sides before comparing.
@@ -66,6 +67,7 @@ class FenceSettings:
     skip: bool = False
     reason: str = ""
     needs: tuple[str, ...] = ()  # what the server must offer, else the block is skipped
+    file: str = ""  # a file of the reader's project, written for the console blocks after it
 
     @classmethod
     def parse(cls, prefix: str, where: str) -> FenceSettings:
@@ -90,7 +92,18 @@ class FenceSettings:
         needs = tuple(values.get("needs", "").split())
         if set(needs) - _NEEDS:
             raise ValueError(f"{where}: needs= takes {sorted(_NEEDS)}")
-        return cls(drivers=drivers, skip=values.get("test") == "skip", reason=reason, needs=needs)
+        file = values.get("file", "")
+        if file and (not _FILE.fullmatch(file) or ".." in file.split("/")):
+            raise ValueError(
+                f"{where}: file= takes a relative path inside the project, not {file!r}"
+            )
+        return cls(
+            drivers=drivers,
+            skip=values.get("test") == "skip",
+            reason=reason,
+            needs=needs,
+            file=file,
+        )
 
     @property
     def exempt(self) -> bool:
@@ -104,6 +117,16 @@ class Command:
     expected: str  # the output the page shows, without trailing blank lines
 
 
+@dataclass(frozen=True)
+class FileBlock:
+    """A block whose fence names a file (`file="tests/test_users.py"`): a file of the reader's
+    project. The console blocks after it on its page run in a scratch project that holds it."""
+
+    target: str  # the path inside the project
+    body: str
+    where: str  # page:line, for messages
+
+
 @dataclass
 class ConsoleBlock:
     path: Path
@@ -114,6 +137,39 @@ class ConsoleBlock:
     end_index: int
     indent: int = 0
     commands: list[Command] = field(default_factory=list)
+    files: list[FileBlock] = field(default_factory=list)  # earlier on the page; later ones win
+
+    def run(self, env: dict[str, str], project: Path, *, check: bool) -> list[str]:
+        """Run the commands in `project`, in turn; their outputs, as a reader's checkout would
+        show them. With `check`, the first output that differs from the page's fails."""
+        outputs = []
+        for command in self.commands:
+            result = subprocess.run(
+                ["bash", "-c", command.line],
+                env=env,
+                cwd=project,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,  # interleaved, as a terminal shows them
+                text=True,
+                timeout=120,
+            )
+            # The scratch path as a reader's own checkout (alembic prints absolute ones).
+            output = result.stdout.rstrip().replace(str(project), READER_PROJECT)
+            outputs.append(output)
+            if check and normalise(output) != normalise(command.expected):
+                pytest.fail(
+                    f"{self}: `{command.line}` printed (exit {result.returncode}):\n{output}\n"
+                    f"the page shows:\n{command.expected}",
+                    pytrace=False,
+                )
+        return outputs
+
+    def write_files(self, project: Path) -> None:
+        """Put the page's files, as far as this block, into the scratch project."""
+        for file in self.files:
+            target = project / file.target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(file.body, "utf-8")
 
     def __str__(self) -> str:
         path = (
@@ -140,12 +196,33 @@ _SNIPPET_LINE = re.compile(r'^\s*--8<-- "[^"]+"\s*$')
 
 def python_blocks(root: Path = DOCS) -> tuple[list[CodeExample], list[CodeExample]]:
     """(programs, includes): a block made only of `--8<--` lines shows code from src/, which
-    mkdocs --strict checks and the module's own tests run; every other block is a program."""
+    mkdocs --strict checks and the module's own tests run; a block that names a file (see
+    `FileBlock`) is run by the console blocks after it; every other block is a program."""
+    programs, includes, _ = _python_blocks(root)
+    return programs, includes
+
+
+def python_file_blocks(root: Path = DOCS) -> list[CodeExample]:
+    """The Python blocks that are files of a reader's project: linted and formatted like the
+    programs, run by the console blocks that follow them."""
+    return _python_blocks(root)[2]
+
+
+def _python_blocks(
+    root: Path,
+) -> tuple[list[CodeExample], list[CodeExample], list[CodeExample]]:
     found = sorted(find_examples(root), key=lambda b: (str(b.path), b.start_line))
-    includes = [
-        b for b in found if all(_SNIPPET_LINE.match(x) for x in b.source.strip().splitlines())
-    ]
-    return [b for b in found if b not in includes], includes
+    programs: list[CodeExample] = []
+    includes: list[CodeExample] = []
+    files: list[CodeExample] = []
+    for block in found:
+        if all(_SNIPPET_LINE.match(x) for x in block.source.strip().splitlines()):
+            includes.append(block)
+        elif 'file="' in block.prefix:
+            files.append(block)
+        else:
+            programs.append(block)
+    return programs, includes, files
 
 
 def expected_docs_tests(root: Path = DOCS) -> int:
@@ -178,13 +255,19 @@ def apply_console_updates() -> list[str]:
 def find_console_blocks(root: Path = DOCS) -> Iterator[ConsoleBlock]:
     for path in sorted(root.rglob("*.md")):
         text = path.read_text("utf-8")
+        files: list[FileBlock] = []
         for match in _FENCE.finditer(text):
             prefix = match.group(3).strip()
+            start_line = text[: match.start()].count("\n") + 1
+            body = textwrap.dedent(match.group(4))
+            where = f"{path.name}:{start_line}"
+            if 'file="' in prefix:
+                target = FenceSettings.parse(prefix, where).file
+                files.append(FileBlock(target=target, body=body, where=where))
+                continue
             if not prefix.lstrip("{ .").startswith("console"):
                 continue
             indent = len(match.group(1)) - 3
-            body = textwrap.dedent(match.group(4))
-            start_line = text[: match.start()].count("\n") + 1
             start_index = match.start(4)
             block = ConsoleBlock(
                 path=path,
@@ -194,7 +277,8 @@ def find_console_blocks(root: Path = DOCS) -> Iterator[ConsoleBlock]:
                 start_index=start_index,
                 end_index=start_index + len(match.group(4)),
                 indent=indent,
-                commands=list(_parse_commands(body, f"{path.name}:{start_line}")),
+                commands=list(_parse_commands(body, where)),
+                files=list(files),
             )
             if block.commands:
                 yield block
@@ -220,6 +304,8 @@ def _parse_commands(body: str, where: str) -> Iterator[Command]:
         yield Command(line=command, raw="\n".join(raw), expected="\n".join(output).rstrip())
 
 
+# A console block's working directory as its output shows it: a reader's checkout.
+READER_PROJECT = "/home/you/project"
 # The file a Python block is run from, as its output shows it: what a reader who saved the block
 # and ran it would see (pytest-examples would name it after the page: `pooling_536_567.py`).
 BLOCK_FILE = "main.py"

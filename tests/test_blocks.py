@@ -38,6 +38,8 @@ def test_normalise_keeps_what_matters() -> None:
         ('{.python colour="red"}', "unknown fence setting"),
         ('{.python needs="superuser"}', "needs= takes"),
         ('python test="skip" reason="x"', "in braces"),
+        ('{.python file="../outside.py"}', "relative path inside the project"),
+        ('{.python file="/etc/passwd"}', "relative path inside the project"),
     ],
 )
 def test_fence_settings_are_checked(prefix: str, message: str) -> None:
@@ -130,3 +132,48 @@ def test_unformatted_blocks_fail(eval_example: EvalExample) -> None:
     ruff_format(example("x = 1\nprint(x)\n#> 1\n"), eval_example, update=False)
     with pytest.raises(Failed, match="not ruff-formatted"):
         ruff_format(example("x=1\n"), eval_example, update=False)
+
+
+FILES_PAGE = """\
+```{.text file="notes/hello.txt"}
+first
+```
+
+```console
+$ cat notes/hello.txt
+first
+```
+
+```{.text file="notes/hello.txt"}
+second
+```
+
+```console
+$ cat notes/hello.txt
+second
+$ pwd
+/home/you/project
+```
+"""
+
+
+def test_files_on_a_page_are_there_for_the_console_blocks_after_them(tmp_path: Path) -> None:
+    """A later file block of the same name replaces the earlier one, from where it stands."""
+    first, second = find_console_blocks(page(tmp_path, FILES_PAGE).parent)
+    for block in (first, second):
+        project = tmp_path / f"project-{block.start_line}"
+        project.mkdir()
+        block.write_files(project)
+        block.run({"PATH": "/usr/bin:/bin"}, project, check=True)
+
+
+def test_a_file_that_differs_from_what_the_output_shows_fails(tmp_path: Path) -> None:
+    """The planted fault: the page's file is not what produced the output it shows."""
+    first, _ = find_console_blocks(
+        page(tmp_path, FILES_PAGE.replace("first\n```", "1st\n```", 1)).parent
+    )
+    project = tmp_path / "project"
+    project.mkdir()
+    first.write_files(project)
+    with pytest.raises(Failed, match=r"`cat notes/hello.txt` printed \(exit 0\):\n1st"):
+        first.run({"PATH": "/usr/bin:/bin"}, project, check=True)

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,8 +29,8 @@ from tests.blocks import (
     FenceSettings,
     find_console_blocks,
     name,
-    normalise,
     python_blocks,
+    python_file_blocks,
     ruff_format,
     run_block,
 )
@@ -46,9 +45,8 @@ extend-select = ["I", "UP", "B"]
 [lint.isort]
 known-first-party = ["dblayer"]
 """
-# A console block's working directory as its output shows it: a reader's checkout.
-READER_PROJECT = "/home/you/project"
 PYTHON_BLOCKS, INCLUDES = python_blocks()
+PYTHON_FILES = python_file_blocks()
 CONSOLE_BLOCKS = list(find_console_blocks())
 
 
@@ -147,26 +145,38 @@ def test_python_block(
     primary = _settings(example, driver, request).drivers[0]  # lints and updates the page
     url = databases.url(fresh_database, driver).render_as_string(hide_password=False)
     monkeypatch.setenv("DATABASE_URL", url)
-    eval_example.set_config(
-        line_length=100,
-        target_version="py311",  # type: ignore[arg-type]  # its Literal lists py310 twice
-        ruff_ignore=["T201"],
-    )
     update = eval_example.update_examples
-    # ruff reads its configuration from the working directory (this test's own): imports sorted
-    # as a reader's project would have them, with dblayer first-party.
-    Path("ruff.toml").write_text(RUFF_TOML)
     if driver == primary:  # lint once per block
-        if update:
-            eval_example.format_ruff(example)  # `ruff check --fix`
-        else:
-            eval_example.lint_ruff(example)
-        ruff_format(example, eval_example, update)
+        _lint(example, eval_example)
     mode: Literal["check", "update"] | None = "check"
     if update:  # the page is rewritten at the end of the run, from the primary driver's output
         mode = "update" if driver == primary else None
     with _interrupts_stop_the_run(), _warnings_as_a_script_sees_them():
         run_block(eval_example, example, {"__name__": "__main__"}, mode)
+
+
+def _lint(example: CodeExample, eval_example: EvalExample) -> None:
+    """ruff check and ruff format, as a reader's project would configure them (imports sorted
+    with dblayer first-party); `make update-examples` applies the fixes."""
+    eval_example.set_config(
+        line_length=100,
+        target_version="py311",  # type: ignore[arg-type]  # its Literal lists py310 twice
+        ruff_ignore=["T201"],
+    )
+    # ruff reads its configuration from the working directory (this test's own).
+    Path("ruff.toml").write_text(RUFF_TOML)
+    if eval_example.update_examples:
+        eval_example.format_ruff(example)  # `ruff check --fix`
+    else:
+        eval_example.lint_ruff(example)
+    ruff_format(example, eval_example, eval_example.update_examples)
+
+
+@pytest.mark.parametrize("example", PYTHON_FILES, ids=name)
+def test_python_file_block(example: CodeExample, eval_example: EvalExample) -> None:
+    """A file of the reader's project on a page (`file="…"`): linted here, run by the console
+    blocks after it."""
+    _lint(example, eval_example)
 
 
 @contextlib.contextmanager
@@ -224,6 +234,9 @@ def test_console_block(
     env = {
         **os.environ,
         "DATABASE_URL": databases.url(fresh_database, driver).render_as_string(hide_password=False),
+        # A reader's own tests (dblayer.testing) make their databases on this run's server (under
+        # DATABASE_URL's driver); without it they would start an embedded server of their own.
+        "TEST_DATABASE_URL": databases.server.admin_url.render_as_string(hide_password=False),
         # the virtualenv's `python`, `alembic`, ... first, as after `source .venv/bin/activate`
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "COLUMNS": "100",
@@ -232,26 +245,8 @@ def test_console_block(
     # The working directory looks like a checkout (alembic.ini beside src/), without a `.env`.
     shutil.copy(ROOT / "alembic.ini", tmp_path)
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    outputs = []
-    for command in block.commands:
-        result = subprocess.run(
-            ["bash", "-c", command.line],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,  # interleaved, as a terminal shows them
-            text=True,
-            timeout=120,
-        )
-        # The scratch checkout's path, as in a reader's own checkout (alembic prints absolute ones).
-        output = result.stdout.rstrip().replace(str(tmp_path), READER_PROJECT)
-        outputs.append(output)
-        if request.config.getoption("update_examples"):
-            continue
-        assert normalise(output) == normalise(command.expected), (
-            f"{block}: `{command.line}` printed (exit {result.returncode}):\n{output}\n"
-            f"the page shows:\n{command.expected}"
-        )
+    block.write_files(tmp_path)  # the files the page showed before this block (`file="…"`)
+    outputs = block.run(env, tmp_path, check=not request.config.getoption("update_examples"))
     if request.config.getoption("update_examples") and driver == primary:
         _rewrite_console_block(block, outputs)
 

@@ -223,7 +223,7 @@ def test_a_failing_setup_leaves_no_template_to_trust(
     ("setting", "message"),
     [
         ("ini", "*dblayer_setup = 'no_colon': expected module:function*"),
-        ("driver", "*DATABASE_DRIVER='mysql': expected one of asyncpg, psycopg*"),
+        ("driver", "*the settings: DATABASE_DRIVER: Input should be 'asyncpg' or 'psycopg'*"),
     ],
 )
 def test_a_wrong_setting_is_one_clear_line(

@@ -49,7 +49,7 @@ from sqlalchemy.pool import NullPool
 from dblayer.embedded import EmbeddedPostgres
 from dblayer.engine import create_engine
 from dblayer.session import create_sessionmaker
-from dblayer.settings import DRIVERS, Driver, Settings, get_settings
+from dblayer.settings import Driver, Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     import httpx
@@ -249,11 +249,13 @@ def pytest_configure_node(node: Any) -> None:
 
 
 def _driver() -> Driver:
-    """The settings' own variable, so one suite runs under either driver."""
-    driver = os.environ.get("DATABASE_DRIVER", DRIVERS[0])
-    if driver not in DRIVERS:
-        raise pytest.UsageError(f"DATABASE_DRIVER={driver!r}: expected one of {', '.join(DRIVERS)}")
-    return driver
+    """The project's own driver: DATABASE_URL's (`postgresql+psycopg://…`), else
+    DATABASE_DRIVER, as the settings read them, so one suite runs under either driver."""
+    try:
+        driver = get_settings().url.get_driver_name()
+    except SettingsError as exc:
+        raise pytest.UsageError(f"the settings: {exc}") from None
+    return cast("Driver", driver)
 
 
 @pytest.fixture(scope="session")
