@@ -263,6 +263,7 @@ def _dblayer_run(pytestconfig: pytest.Config) -> _Run:
     return pytestconfig.stash[_RUN]
 
 
+# --8<-- [start:database_url]
 @pytest.fixture
 def database_url(_dblayer_run: _Run) -> Iterator[URL]:
     """A database of this test's own, cloned from the migrated template, dropped after it."""
@@ -271,6 +272,7 @@ def database_url(_dblayer_run: _Run) -> Iterator[URL]:
         yield _dblayer_run.url(name, _driver())
     finally:
         _dblayer_run.drop(name)
+    # --8<-- [end:database_url]
 
 
 @pytest.fixture(scope="session")
@@ -316,6 +318,7 @@ async def engine(
         await engine.dispose()
 
 
+# --8<-- [start:session]
 @pytest_asyncio.fixture
 async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
     """A session in an outer transaction that is rolled back after the test."""
@@ -327,6 +330,7 @@ async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
                 yield session
             finally:
                 await outer.rollback()
+    # --8<-- [end:session]
 
 
 @pytest.fixture
@@ -337,6 +341,7 @@ def app(database_settings: Settings) -> FastAPI:
     return create_app(database_settings)
 
 
+# --8<-- [start:client]
 @pytest_asyncio.fixture
 async def client(app: FastAPI, session: AsyncSession) -> AsyncIterator[httpx.AsyncClient]:
     """The app, started (its lifespan runs), with its session dependency yielding `session`
@@ -360,3 +365,4 @@ async def client(app: FastAPI, session: AsyncSession) -> AsyncIterator[httpx.Asy
                 yield client
     finally:
         app.dependency_overrides.pop(get_session, None)
+    # --8<-- [end:client]
