@@ -27,6 +27,7 @@ from pathlib import Path
 from sqlalchemy import URL
 
 from benchmarks.recording import record
+from dblayer.testing import connect
 
 TESTS = 30  # per module and round
 ROUNDS = 3  # the best (lowest) median of each strategy over the rounds is kept
@@ -206,15 +207,7 @@ def table(best: dict[str, float], server: str) -> str:
 
 
 async def _server_version(url: URL) -> str:
-    import psycopg
-
-    with psycopg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password if isinstance(url.password, str) else None,
-        dbname=url.database,
-    ) as conn:
+    with connect(url) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]).split()[0] if row else "?"
 

@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -107,7 +108,7 @@ class _Run:
     @property
     def admin(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._admin is None:
-            self._admin = _connect(self.start())
+            self._admin = connect(self.start())
         return self._admin
 
     @property
@@ -186,7 +187,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _connect(url: URL) -> psycopg.Connection[tuple[Any, ...]]:
+def connect(url: URL) -> psycopg.Connection[tuple[Any, ...]]:
     """Autocommit psycopg, from keyword arguments: no escaping, and no password in an error."""
     return psycopg.connect(
         host=url.host,
@@ -294,11 +295,8 @@ def _loop_lives_for_the_run(config: pytest.Config) -> bool:
 async def _run_engine(database_settings: Settings) -> AsyncIterator[AsyncEngine]:
     """The engine for a run whose fixtures share one loop: its pool stays warm across tests.
     Made lazily (no connection until used) and disposed in that loop at the end."""
-    engine = create_engine(database_settings)
-    try:
+    async with _disposed_after(database_settings) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest_asyncio.fixture
@@ -311,7 +309,13 @@ async def engine(
     if _loop_lives_for_the_run(request.config):
         yield _run_engine
         return
-    engine = create_engine(database_settings)
+    async with _disposed_after(database_settings) as engine:
+        yield engine
+
+
+@asynccontextmanager
+async def _disposed_after(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings)
     try:
         yield engine
     finally:
