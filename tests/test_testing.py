@@ -4,8 +4,12 @@ conftest enables it, against this run's server (in-process, so coverage sees the
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import time
 
 # The inner runs are in-process (so coverage sees the plugin), and pytester removes the modules
 # a run imported when it ends: a C extension imported again in the next run can crash the
@@ -210,13 +214,34 @@ def test_a_failing_setup_leaves_no_template_to_trust(
 ) -> None:
     project.makeini(INI.format(extra="dblayer_setup = broken_setup:build", prefix=prefix))
     project.makepyfile(
-        broken_setup="def build(connection):\n    raise RuntimeError('the migration failed')\n",
-        test_any="async def test_needs_a_database(database_url):\n    pass\n",
+        broken_setup=textwrap.dedent(
+            """\
+            from pathlib import Path
+
+
+            def build(connection):
+                with Path("attempts").open("a") as attempts:
+                    attempts.write("tried\\n")
+                raise RuntimeError("the migration failed")
+            """
+        ),
+        test_any=textwrap.dedent(
+            """\
+            import pytest
+
+
+            @pytest.mark.parametrize("n", range(3))
+            async def test_needs_a_database(database_url, n):
+                pass
+            """
+        ),
     )
     result = project.runpytest_inprocess()
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(errors=3)
     result.stdout.fnmatch_lines(["*RuntimeError: the migration failed*"])
     assert leftover_databases(server, prefix) == []
+    # Tried once: the later tests are told it failed, not made to run it again.
+    assert (project.path / "attempts").read_text() == "tried\n"
 
 
 @pytest.mark.parametrize(
@@ -320,16 +345,40 @@ def test_with_one_loop_for_the_run_one_engine_serves_every_test(
     result.assert_outcomes(passed=2)
 
 
-def test_fixtures_in_the_run_s_loop_and_tests_in_their_own_is_refused(
-    project: pytest.Pytester, prefix: str
+@pytest.mark.parametrize(
+    ("fixtures", "tests"), [("session", "function"), ("module", "function"), ("function", "module")]
+)
+def test_fixtures_and_tests_in_different_loops_are_refused(
+    project: pytest.Pytester, prefix: str, fixtures: str, tests: str
 ) -> None:
-    project.makeini(INI.format(extra="", prefix=prefix).replace("= function", "= session"))
+    extra = f"asyncio_default_test_loop_scope = {tests}"
+    ini = INI.format(extra=extra, prefix=prefix).replace("= function", f"= {fixtures}", 1)
+    project.makeini(ini)
     project.makepyfile(test_any="async def test_needs_a_database(session):\n    pass\n")
     result = project.runpytest_inprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["*asyncio_default_fixture_loop_scope = session needs asyncio_default_test_loop_scope*"]
+        [f"*asyncio_default_fixture_loop_scope = {fixtures} with tests in a {tests} loop*"]
     )
+
+
+def test_a_test_marked_for_another_loop_fails_with_the_reason(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_marked=textwrap.dedent(
+            """\
+            import pytest
+
+            pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+            async def test_in_the_module_loop(session):
+                pass
+            """
+        )
+    )
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*function with tests in a module loop*"])
 
 
 def test_a_prefix_that_is_no_plain_name_is_refused(project: pytest.Pytester) -> None:
@@ -337,3 +386,186 @@ def test_a_prefix_that_is_no_plain_name_is_refused(project: pytest.Pytester) -> 
     result = project.runpytest_inprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*dblayer_database_prefix = 'Our-Tests': expected lower-case*"])
+
+
+def test_a_whole_metadata_create_all_is_a_setup_too(driven: pytest.Pytester, prefix: str) -> None:
+    """One line, no migrations: its DDL is committed, so the template has the tables."""
+    driven.makeini(
+        INI.format(extra="dblayer_setup = dblayer.models:Base.metadata.create_all", prefix=prefix)
+    )
+    driven.makepyfile(
+        test_tables=textwrap.dedent(
+            """\
+            from sqlalchemy import text
+
+
+            async def test_the_tables_are_there(session):
+                assert await session.scalar(text("SELECT to_regclass('users')")) == "users"
+                assert await session.scalar(text("SELECT to_regclass('alembic_version')")) is None
+            """
+        )
+    )
+    driven.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+OWN_APP = """\
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dblayer.engine import create_engine
+from dblayer.session import create_sessionmaker, session_scope
+from dblayer.settings import get_settings
+
+sessionmaker = create_sessionmaker(create_engine(get_settings()))
+
+
+async def get_db() -> AsyncIterator[AsyncSession]:
+    async with session_scope(sessionmaker) as session:
+        yield session
+
+
+app = FastAPI()
+
+
+@app.post("/notes")
+async def add(db: AsyncSession = Depends(get_db)) -> dict[str, int]:
+    await db.execute(text("CREATE TABLE IF NOT EXISTS notes (n int)"))
+    await db.execute(text("INSERT INTO notes VALUES (1)"))
+    return {"notes": await db.scalar(text("SELECT count(*) FROM notes"))}
+
+
+@app.get("/broken")
+async def broken() -> None:
+    raise RuntimeError("the real cause")
+"""
+
+
+def test_your_own_app_and_its_own_session_dependency(project: pytest.Pytester) -> None:
+    """Overriding `app` alone would let the app commit for real: refused with the fix. With
+    `session_dependency` too, its writes are rolled back, and an error it does not handle is
+    raised in the test with its message."""
+    project.makepyfile(
+        myapp=OWN_APP,
+        test_mine=textwrap.dedent(
+            """\
+            import pytest
+
+            import myapp
+
+
+            @pytest.fixture
+            def app():
+                return myapp.app
+
+
+            async def test_forgot_the_dependency(client):
+                pass
+            """
+        ),
+    )
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*no route of the app takes get_session*session_dependency*"])
+    project.makepyfile(
+        test_mine=textwrap.dedent(
+            """\
+            import pytest
+
+            import myapp
+
+
+            @pytest.fixture
+            def app():
+                return myapp.app
+
+
+            @pytest.fixture
+            def session_dependency():
+                return myapp.get_db
+
+
+            @pytest.mark.parametrize("n", range(2))
+            async def test_each_test_starts_empty(client, n):
+                assert (await client.post("/notes")).json() == {"notes": 1}
+
+
+            async def test_an_unhandled_error_is_raised_here(client):
+                with pytest.raises(RuntimeError, match="the real cause"):
+                    await client.get("/broken")
+            """
+        ),
+    )
+    project.runpytest_inprocess().assert_outcomes(passed=3)
+
+
+def test_a_bad_or_unreachable_server_is_one_line_without_the_password(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.makepyfile(test_any="def test_needs_a_database(database_url):\n    pass\n")
+    monkeypatch.setenv("TEST_DATABASE_URL", "postgresql://ada:S3cretPw@db:no-port/app")
+    result = project.runpytest_inprocess("--showlocals")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*TEST_DATABASE_URL is not a database URL*"])
+    assert "S3cretPw" not in result.stdout.str() + result.stderr.str()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("TEST_DATABASE_URL", f"postgresql://ada:S3cretPw@127.0.0.1:{port}/app")
+    result = project.runpytest_inprocess("--showlocals")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*RuntimeError: cannot connect to the test server*"])
+    assert "S3cretPw" not in result.stdout.str() + result.stderr.str()
+
+
+def test_under_xdist_a_run_without_database_tests_never_connects(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("TEST_DATABASE_URL", f"postgresql://nobody@127.0.0.1:{port}/postgres")
+    project.makepyfile(test_unit="def test_pure():\n    assert 1 + 1 == 2\n")
+    result = project.runpytest_inprocess("-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+
+
+def test_sigterm_ends_the_run_and_its_databases(
+    project: pytest.Pytester, server: Server, prefix: str
+) -> None:
+    """A CI timeout or `kill` is handled like Ctrl-C: nothing is left on the server."""
+    project.makepyfile(
+        test_slow=textwrap.dedent(
+            """\
+            import time
+            from pathlib import Path
+
+
+            def test_waits(database_url):
+                Path("started").write_text("yes")
+                time.sleep(60)
+            """
+        )
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=project.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (project.path / "started").exists():
+            assert run.poll() is None, "the run ended before its test started"
+            assert time.monotonic() < deadline, "the run did not start its test"
+            time.sleep(0.05)
+        assert leftover_databases(server, prefix) != []  # the clone and the template
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+        run.wait()
+    assert leftover_databases(server, prefix) == []

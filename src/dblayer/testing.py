@@ -33,6 +33,7 @@ import importlib
 import os
 import re
 import secrets
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import pytest_asyncio
 from psycopg import sql
 from sqlalchemy import URL, Connection, make_url
 from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import NullPool
 
@@ -63,6 +65,7 @@ _PREFIX_SHAPE = re.compile(r"[a-z_][a-z0-9_]{0,29}")  # leaves room in PostgreSQ
 DEFAULT_SETUP = "dblayer.migrate:upgrade"
 _URL_KEY = "dblayer_testing_url"  # handed from the xdist controller to its workers
 _RUN_KEY = "dblayer_testing_run"
+_USED_KEY = "dblayer_testing_used"  # handed back: the worker made databases
 _RUN = pytest.StashKey["_Run"]()
 
 
@@ -76,7 +79,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         SETUP_INI,
         "module:function that builds the template's schema, given a SQLAlchemy Connection "
-        f"outside a transaction (default: {DEFAULT_SETUP}, the Alembic migrations)",
+        f"(default: {DEFAULT_SETUP}, the Alembic migrations; "
+        "`yourpackage.models:Base.metadata.create_all` also works)",
         default=DEFAULT_SETUP,
     )
 
@@ -91,14 +95,17 @@ class _Run:
     admin_url: URL | None = None  # a maintenance database on the server
     embedded: EmbeddedPostgres | None = None
     owner: bool = True  # the process that drops this run's databases at the end
+    used: bool = False  # whether this process made a database (a worker tells its controller)
     _admin: psycopg.Connection[tuple[Any, ...]] | None = None
+    _setup_failed: str | None = None  # the setup's error: not retried by every later test
 
     def start(self) -> URL:
         """The server: TEST_DATABASE_URL, or an embedded one, started on first use."""
         if self.admin_url is None:
-            raw = os.environ.get("TEST_DATABASE_URL", "").strip()
-            if raw:
-                url = make_url(raw)
+            url, valid = _test_database_url()
+            if not valid:
+                raise pytest.UsageError("TEST_DATABASE_URL is not a database URL")
+            if url is not None:
                 self.admin_url = url.set(database=url.database or "postgres")
             else:
                 self.embedded = EmbeddedPostgres().start()
@@ -108,7 +115,12 @@ class _Run:
     @property
     def admin(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._admin is None:
-            self._admin = connect(self.start())
+            try:
+                self._admin = connect(self.start())
+            except psycopg.OperationalError as exc:
+                # from None: psycopg's frames hold the password (pytest --showlocals prints them)
+                raise RuntimeError(f"cannot connect to the test server: {exc}") from None
+            self.used = True
         return self._admin
 
     @property
@@ -122,6 +134,8 @@ class _Run:
         """Built once per run, whichever process asks first: the others wait on an advisory lock
         and find it made. Built under another name and renamed when complete, so a setup that
         fails leaves no template that later tests would trust."""
+        if self._setup_failed is not None:
+            raise RuntimeError(f"the template's setup failed earlier: {self._setup_failed}")
         admin = self.admin
         admin.execute("SELECT pg_advisory_lock(hashtext(%s))", (self.template,))
         try:
@@ -133,7 +147,10 @@ class _Run:
                 try:
                     with engine.connect() as conn:
                         _setup_function(self.setup)(conn)
-                except BaseException:
+                        if conn.in_transaction():  # `metadata.create_all(conn)` leaves one open
+                            conn.commit()
+                except BaseException as exc:
+                    self._setup_failed = f"{type(exc).__name__}: {exc}"
                     engine.dispose()
                     self._execute("DROP DATABASE IF EXISTS {} WITH (FORCE)", building)
                     raise
@@ -160,7 +177,7 @@ class _Run:
         """The owner drops every database of this run (the template last) and stops the
         embedded server; a worker only closes its connection."""
         try:
-            if self.owner and self.admin_url is not None:
+            if self.owner and self.used:
                 pattern = f"{self.prefix}{self.run}\\_%"
                 rows = self.admin.execute(
                     "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY datname DESC",
@@ -183,14 +200,29 @@ class _Run:
         self.admin.execute(sql.SQL(statement).format(sql.Identifier(name)))
 
 
+def _test_database_url() -> tuple[URL | None, bool]:
+    """(TEST_DATABASE_URL parsed or None when unset, whether it parsed). Its raw text, password
+    included, stays in this frame: the caller's error, shown with --showlocals, never holds it."""
+    raw = os.environ.get("TEST_DATABASE_URL", "").strip()
+    try:
+        return (make_url(raw) if raw else None), True
+    except (ArgumentError, ValueError):
+        return None, False
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
 def connect(url: URL) -> psycopg.Connection[tuple[Any, ...]]:
-    """Autocommit psycopg, from keyword arguments: no escaping, and no password in an error."""
+    """Autocommit psycopg, from keyword arguments: no escaping, and no password in an error.
+    The URL's query (`sslmode`, `sslrootcert`, a socket directory as `host` …) is passed on."""
+    options: dict[str, Any] = {k: v for k, v in url.query.items() if isinstance(v, str)}
+    host = url.host or options.pop("host", None)  # `?host=/run/postgresql`: a socket directory
+    options.pop("host", None)
     return psycopg.connect(
-        host=url.host,
+        **options,
+        host=host,
         port=url.port,
         user=url.username,
         password=url.password if isinstance(url.password, str) else None,
@@ -204,24 +236,40 @@ def _setup_function(spec: str) -> Callable[[Connection], None]:
     module, _, name = spec.partition(":")
     if not module or not name:
         raise pytest.UsageError(f"{SETUP_INI} = {spec!r}: expected module:function")
-    return cast("Callable[[Connection], None]", getattr(importlib.import_module(module), name))
+    target: Any = importlib.import_module(module)
+    for part in name.split("."):  # `package.models:Base.metadata.create_all` works too
+        target = getattr(target, part)
+    return cast("Callable[[Connection], None]", target)
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
 
 
+def _loop_scopes(config: pytest.Config) -> tuple[str, str]:
+    """pytest-asyncio's default loop scopes of fixtures and of tests ("function" when unset)."""
+    fixtures = config.getini("asyncio_default_fixture_loop_scope") or "function"
+    tests = config.getini("asyncio_default_test_loop_scope") or "function"
+    return str(fixtures), str(tests)
+
+
+def _loop_scope_mismatch(fixtures: str, tests: str) -> str:
+    return (
+        f"asyncio_default_fixture_loop_scope = {fixtures} with tests in a {tests} loop: "
+        "dblayer.testing needs the two equal, so a test runs in the loop its fixtures' "
+        "connections belong to"
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if _loop_lives_for_the_run(config) and (
-        config.getini("asyncio_default_test_loop_scope") != "session"
-    ):
-        # Fixtures in the run's loop, tests in loops of their own: every connection a fixture
-        # made would be used from another loop ("attached to a different loop").
-        raise pytest.UsageError(
-            "asyncio_default_fixture_loop_scope = session needs "
-            "asyncio_default_test_loop_scope = session too: tests must run in the loop their "
-            "fixtures' connections belong to"
-        )
+    fixtures, tests = _loop_scopes(config)
+    if fixtures != tests:
+        # Every connection a fixture made would be used from another loop ("attached to a
+        # different loop"): refused before any test runs.
+        raise pytest.UsageError(_loop_scope_mismatch(fixtures, tests))
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # A CI timeout or `kill` ends the run like Ctrl-C: the cleanup below still runs.
+        signal.signal(signal.SIGTERM, _interrupt)
     prefix = str(config.getini(PREFIX_INI))
     if not _PREFIX_SHAPE.fullmatch(prefix):
         raise pytest.UsageError(
@@ -239,6 +287,23 @@ def pytest_configure(config: pytest.Config) -> None:
         run.start()  # before the workers start: they need its URL
     config.stash[_RUN] = run
     config.add_cleanup(run.finish)  # also after a failure or Ctrl-C
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker tells its controller whether it made databases to drop."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[_USED_KEY] = session.config.stash[_RUN].used
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    if getattr(node, "workeroutput", {}).get(_USED_KEY):
+        node.config.stash[_RUN].used = True
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -279,10 +344,15 @@ def database_url(_dblayer_run: _Run) -> Iterator[URL]:
 @pytest.fixture(scope="session")
 def database_settings(_dblayer_run: _Run) -> Settings:
     """The settings of this worker's database: one clone per process, kept for the run, which
-    `engine`, `session` and `app` use (the tests there roll back). Session-scoped, so a reader's
-    own session-scoped fixture may build on it."""
+    `engine`, `session` and `app` use. Tests there write only through `session` (rolled back);
+    what a test commits on a connection of its own stays for the worker's later tests, so such a
+    test takes `database_url`. Session-scoped, so a session-scoped fixture may build on it."""
     url = _dblayer_run.url(_dblayer_run.clone(), _driver())
-    return get_settings(database_url=url.render_as_string(hide_password=False))
+    return get_settings(
+        database_url=url.render_as_string(hide_password=False),
+        # One key for the run: the app signs and reads its page cursors without warning.
+        db_cursor_secret=secrets.token_urlsafe(32),
+    )
 
 
 def _loop_lives_for_the_run(config: pytest.Config) -> bool:
@@ -306,6 +376,11 @@ async def engine(
     """An engine on this worker's database, in the loop the test's fixtures run in: one for
     the run when that loop lives as long (connections are reused), else made for this test and
     disposed after it (a pooled connection never outlives its loop)."""
+    marker = request.node.get_closest_marker("asyncio")
+    marked = marker.kwargs.get("loop_scope") if marker is not None else None
+    fixtures, _ = _loop_scopes(request.config)
+    if marked is not None and marked != fixtures:
+        pytest.fail(_loop_scope_mismatch(fixtures, str(marked)), pytrace=False)
     if _loop_lives_for_the_run(request.config):
         yield _run_engine
         return
@@ -339,21 +414,56 @@ async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
 
 @pytest.fixture
 def app(database_settings: Settings) -> FastAPI:
-    """The reference app on this worker's database; override this fixture for your own app."""
+    """The reference app on this worker's database. For your own app, override this fixture
+    and `session_dependency` in your conftest.py."""
     from dblayer.api.app import create_app
 
     return create_app(database_settings)
 
 
+@pytest.fixture
+def session_dependency() -> Callable[..., Any]:
+    """The dependency that gives the app's routes their session, which `client` replaces."""
+    from dblayer.api.deps import get_session
+
+    return get_session
+
+
+def _depends_on(app: FastAPI, dependency: Callable[..., Any]) -> bool:
+    """Whether any route of `app` takes `dependency`, directly or through another one (routes
+    of included routers too: FastAPI keeps those under `original_router`)."""
+    routes: list[Any] = list(app.routes)
+    dependants: list[Any] = []
+    while routes:
+        route = routes.pop()
+        if hasattr(route, "original_router"):
+            routes.extend(route.original_router.routes)
+        elif getattr(route, "dependant", None) is not None:
+            dependants.append(route.dependant)
+    while dependants:
+        dependant = dependants.pop()
+        if dependant.call is dependency:
+            return True
+        dependants.extend(dependant.dependencies)
+    return False
+
+
 # --8<-- [start:client]
 @pytest_asyncio.fixture
-async def client(app: FastAPI, session: AsyncSession) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    app: FastAPI, session_dependency: Callable[..., Any], session: AsyncSession
+) -> AsyncIterator[httpx.AsyncClient]:
     """The app, started (its lifespan runs), with its session dependency yielding `session`
     in a savepoint per request: the test sees what a request wrote, a failed request undoes
-    only its own work, and the next test sees none of it."""
+    only its own work, and the next test sees none of it. An error the app does not handle is
+    raised in the test, with its traceback. Requests share the test's session: send them one
+    at a time."""
     import httpx
 
-    from dblayer.api.deps import get_session
+    if not _depends_on(app, session_dependency):
+        # Overriding a dependency no route takes would let the app commit for real.
+        name = getattr(session_dependency, "__qualname__", session_dependency)
+        pytest.fail(f"no route of the app takes {name}: override `session_dependency`")
 
     async def test_session() -> AsyncIterator[AsyncSession]:
         # A request's own transaction, as a savepoint: released when the endpoint returns,
@@ -361,12 +471,12 @@ async def client(app: FastAPI, session: AsyncSession) -> AsyncIterator[httpx.Asy
         async with session.begin_nested():
             yield session
 
-    app.dependency_overrides[get_session] = test_session
+    app.dependency_overrides[session_dependency] = test_session
     try:
         async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 yield client
     finally:
-        app.dependency_overrides.pop(get_session, None)
+        app.dependency_overrides.pop(session_dependency, None)
     # --8<-- [end:client]
