@@ -23,8 +23,9 @@ endif
 export DBLAYER_PG := $(strip $(PG))
 endif
 export DBLAYER_PG_CACHE := $(CURDIR)/.cache/postgres
-# `make test REPEAT=1`: the suite again on another server (.ci/run's other majors): no lint and no
-# browser test (tests/test_site.py), which do not depend on the server and ran once already.
+# `make test REPEAT=1`: the suite again on another server (.ci/run's other majors): no lint, no
+# browser test (tests/test_site.py) and no site build, which do not depend on the server and ran
+# once already.
 REPEAT ?=
 
 .PHONY: help install docs site test update-examples lint format bench app clean
@@ -91,7 +92,7 @@ app: $(STAMP)
 test: $(if $(REPEAT),$(STAMP),lint) $(MERMAID_JS)
 	$(BIN)/python -m pytest -n auto --cov --cov-report=term-missing \
 		$(if $(REPEAT),--ignore=tests/test_site.py) $(PYTEST_ARGS)
-	@$(MAKE) --no-print-directory site
+	$(if $(REPEAT),,@$(MAKE) --no-print-directory site)
 
 update-examples: $(STAMP)
 	$(BIN)/python -m pytest -p no:xdist tests/test_docs.py --update-examples $(PYTEST_ARGS)
