@@ -112,7 +112,7 @@ class EmbeddedPostgres:
         if ssl_cert_file is not None and not self.binaries.supports_tls:
             raise EmbeddedPostgresError(
                 f"TLS needs a server built with OpenSSL; {self.binaries.source} is not "
-                "(Debian's postgresql package is: pass its bin directory)"
+                "(npm's are: DBLAYER_PG=17, or any of 14 to 18)"
             )
         self._tls_files = {
             name: path
