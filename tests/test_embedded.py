@@ -379,12 +379,19 @@ def hidden(binaries: Binaries, private_dir: Path) -> Binaries:
 
 
 @needs_root
+@pytest.mark.parametrize("source", ["pgserver", "npm"])
 def test_binaries_the_server_user_cannot_reach_are_copied_at_each_start(
-    private_dir: Path, open_dir: Path
+    private_dir: Path, open_dir: Path, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The copy lives in the server's directory, which `stop()` deletes: the next `start()` must
-    copy again from the original installation, not look for the deleted copy."""
-    unreachable = hidden(find_binaries(), private_dir)
+    copy again from the original installation, not look for the deleted copy. Both layouts:
+    pgserver's (libraries beside the package) and npm's (under `make test PG=N`)."""
+    major = requested_major()
+    if source == "npm" and major is None:
+        pytest.skip("runs under `make test PG=N`")
+    monkeypatch.delenv("DBLAYER_PG", raising=False)
+    binaries = find_binaries(major=major if source == "npm" else None)
+    unreachable = hidden(binaries, private_dir)
     server = EmbeddedPostgres(unreachable, base_dir=open_dir)
     for _ in range(2):
         with server:
