@@ -11,6 +11,7 @@ import pwd
 import shutil
 import signal
 import socket
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -539,3 +540,27 @@ def test_tls_files_are_the_server_users_own(open_dir: Path) -> None:
         assert (key.st_mode & 0o777, key.st_uid) == (0o600, server.run_as.pw_uid)
         assert query(server, "SHOW ssl") == "on"
         assert query(server, "SHOW ssl_cert_file") == "dblayer_ssl_cert_file"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here")
+def test_make_passes_pg_on_and_refuses_an_unknown_major_in_one_line() -> None:
+    """`make test PG=17` reaches the tests as DBLAYER_PG=17; `PG=13` stops make in one line."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("DBLAYER_PG", "PG", "MAKEFLAGS")}
+    result = subprocess.run(
+        ["make", "--dry-run", "lint", "PG=13"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().endswith("*** PG=13: choose one of 14 15 16 17 18.  Stop.")
+    assert result.stderr.count("\n") == 1
+    for args, value in ((["PG=17"], "17"), ([], "")):
+        exported = subprocess.run(
+            ["make", "--no-print-directory", "-f", "Makefile", "-f", "-", "show-pg", *args],
+            cwd=root,
+            env=env,
+            input='show-pg:\n\t@echo "DBLAYER_PG=$$DBLAYER_PG"\n',
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert exported.stdout == f"DBLAYER_PG={value}\n"
