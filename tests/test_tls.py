@@ -44,7 +44,8 @@ def tls_binaries() -> Binaries:
         if binaries.supports_tls:
             return binaries
     message = (
-        "no PostgreSQL built with OpenSSL here (pgserver's is not): apt-get install postgresql"
+        "no PostgreSQL built with OpenSSL here (pgserver's is not): "
+        "`make test PG=18` (npm's binaries are), or apt-get install postgresql"
     )
     if os.environ.get("REQUIRE_TLS_TEST"):
         pytest.fail(message)

@@ -39,22 +39,34 @@ def test_the_workflow_passes_its_linters() -> None:
     assert _lint_workflow(WORKFLOW) == []
 
 
-def test_the_workflow_tests_then_publishes_main_only() -> None:
+def test_the_workflow_tests_every_major_then_builds_and_publishes_main_only() -> None:
     workflow = yaml.safe_load(WORKFLOW.read_text())
-    test, deploy = workflow["jobs"]["test"], workflow["jobs"]["deploy"]
+    jobs = workflow["jobs"]
+    test, site, deploy = jobs["test"], jobs["site"], jobs["deploy"]
+    assert test["strategy"]["matrix"]["pg"] == [14, 15, 16, 17, 18]
     service = test["services"]["postgres"]
-    assert service["image"] == "postgres:16"
+    assert service["image"] == "postgres:${{ matrix.pg }}"
     assert "--health-cmd" in service["options"]
     assert test["env"]["TEST_DATABASE_URL"].startswith("postgresql://")
+    assert test["env"]["PG"] == "${{ matrix.pg }}"  # the servers the tests start: the same major
     assert test["env"]["REQUIRE_BROWSER_TEST"]
-    runs = [step.get("run") for step in test["steps"]]
-    assert runs.index("make test") < runs.index("make site")
-    site_step = next(step for step in test["steps"] if step.get("run") == "make site")
-    assert "SITE_URL" in site_step["env"]
-    uses = [step.get("uses", "").split("@")[0] for job in (test, deploy) for step in job["steps"]]
+    assert test["env"]["REQUIRE_TLS_TEST"]
+    assert [step.get("run") for step in test["steps"] if "run" in step] == ["make test"]
+    upload = next(s for s in test["steps"] if s.get("with", {}).get("path") == ".cache/verified/")
+    assert upload["uses"].startswith("actions/upload-artifact@")
+    assert upload["with"]["name"] == "verified-pg${{ matrix.pg }}"
+    assert site["needs"] == "test"
+    uses = [step.get("uses", "").split("@")[0] for step in site["steps"]]
+    runs = [step.get("run") for step in site["steps"]]
+    assert uses.index("actions/download-artifact") < runs.index("make site")
+    published = next(step for step in site["steps"] if "SITE_URL" in step.get("env", {}))
+    assert published["run"] == "make site"
     assert "actions/upload-pages-artifact" in uses
-    assert "actions/deploy-pages" in uses
+    assert "actions/deploy-pages" in [
+        step.get("uses", "").split("@")[0] for step in deploy["steps"]
+    ]
     main_only = "github.event_name == 'push' && github.ref == 'refs/heads/main'"
+    assert deploy["needs"] == "site"
     assert deploy["if"] == main_only
     assert deploy["permissions"] == {"pages": "write", "id-token": "write"}
     assert workflow["permissions"] == {}

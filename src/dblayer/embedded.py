@@ -1,8 +1,8 @@
 """A throwaway PostgreSQL server in a temporary directory: no Docker, no apt, no running service.
 
 Used by the tests, by `make app` and by readers trying the guide: `python -m dblayer.embedded`
-starts one and prints its `DATABASE_URL`. The binaries come from the `pgserver` wheel on PyPI
-(PostgreSQL 16), or from a system installation (`pg_config --bindir`, `/usr/lib/postgresql/*/bin`).
+starts one and prints its `DATABASE_URL`. Which binaries it runs is `dblayer.binaries`' job: the
+`pgserver` wheel (PostgreSQL 16) by default, `--pg 14`…`18` from npm, or a `--bindir`.
 
 The server listens on 127.0.0.1 only, with password (SCRAM) authentication like a real one, and a
 random password that contains `@:/%#?` so every URL built from it proves its escaping (or, with
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.metadata
-import importlib.util
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
@@ -27,98 +24,26 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
 from sqlalchemy import URL
 
+from dblayer.binaries import (
+    NPM_VERSIONS,
+    Binaries,
+    EmbeddedPostgresError,
+    find_binaries,
+)
+
+__all__ = ["AUTH_METHODS", "Binaries", "EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 Auth = Literal["scram-sha-256", "trust"]
 AUTH_METHODS: tuple[Auth, ...] = ("scram-sha-256", "trust")
 # Fsync and WAL safety are pointless for a server that is deleted when it stops.
 _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """The embedded server could not be found, initialised or started."""
-
-
-@dataclass(frozen=True)
-class Binaries:
-    """A PostgreSQL installation: where its programs are and where they came from."""
-
-    bindir: Path
-    source: str
-
-    @property
-    def version(self) -> str:
-        """The server version, e.g. `16.2`, read from `postgres --version`."""
-        out = subprocess.run(  # noqa: S603 - a fixed program from a known directory
-            [str(self.bindir / "postgres"), "--version"], capture_output=True, text=True, check=True
-        ).stdout
-        match = re.search(r"(\d+(?:\.\d+)+)", out)
-        return match.group(1) if match else out.strip()
-
-    @property
-    def supports_tls(self) -> bool:
-        """Whether the server was built with OpenSSL (pgserver's wheel is not; Debian's is)."""
-        try:
-            out = subprocess.run(  # noqa: S603 - a fixed program from a known directory
-                [str(self.bindir / "pg_config"), "--configure"], capture_output=True, text=True
-            ).stdout
-        except OSError:
-            return False
-        return any(flag in out for flag in ("--with-openssl", "--with-ssl=openssl", "ssl=openssl"))
-
-
-def find_binaries(bindir: str | os.PathLike[str] | None = None) -> Binaries:
-    """Locate `initdb`/`pg_ctl`: an explicit directory, then pgserver's wheel, then the system."""
-    if bindir is not None:
-        return _checked(Path(bindir), f"system binaries in {bindir}")
-    wheel_bindir = _pgserver_bindir()
-    if wheel_bindir is not None:
-        version = importlib.metadata.version("pgserver")
-        return Binaries(wheel_bindir, f"pgserver {version} wheel from PyPI")
-    for candidate in _system_bindirs():
-        if (candidate / "initdb").exists():
-            return Binaries(candidate, f"system binaries in {candidate}")
-    raise EmbeddedPostgresError(
-        "no PostgreSQL binaries found: `pip install pgserver` (PostgreSQL 16 as a wheel), "
-        "or install PostgreSQL so that `pg_config --bindir` works"
-    )
-
-
-def _pgserver_bindir() -> Path | None:
-    """The wheel's bin directory, found without importing pgserver (which starts nothing, but
-    creates lock files at import)."""
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or spec.origin is None:
-        return None
-    bindir = Path(spec.origin).parent / "pginstall" / "bin"
-    return bindir if (bindir / "initdb").exists() else None
-
-
-def _checked(bindir: Path, source: str) -> Binaries:
-    if not (bindir / "initdb").exists():
-        raise EmbeddedPostgresError(f"{bindir} has no initdb: not a PostgreSQL bin directory")
-    return Binaries(bindir, source)
-
-
-def _system_bindirs() -> list[Path]:
-    found: list[Path] = []
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)  # noqa: S603
-        if out.returncode == 0:
-            found.append(Path(out.stdout.strip()))
-    debian = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
-    )
-    return found + debian
 
 
 def default_base_dir() -> Path | None:
@@ -141,15 +66,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _unprivileged_user() -> pwd.struct_passwd | None:
-    """The account to run PostgreSQL as when we are root (it refuses to run as root)."""
+def default_server_user() -> str:
+    """The account PostgreSQL runs as: ours, or under root (which it refuses to run as) an
+    unprivileged one."""
     if os.geteuid() != 0:
-        return None
+        return pwd.getpwuid(os.geteuid()).pw_name
     for name in ("postgres", "nobody"):
         try:
-            return pwd.getpwnam(name)
+            pwd.getpwnam(name)
         except KeyError:
             continue
+        return name
     raise EmbeddedPostgresError(
         "running as root and neither a 'postgres' nor a 'nobody' user exists"
     )
@@ -170,6 +97,7 @@ class EmbeddedPostgres:
         ssl_cert_file: Path | None = None,
         ssl_key_file: Path | None = None,
         ssl_ca_file: Path | None = None,
+        run_as: str | None = None,
     ) -> None:
         self.binaries = binaries or find_binaries()
         self.base_dir = base_dir or default_base_dir()
@@ -184,7 +112,7 @@ class EmbeddedPostgres:
         if ssl_cert_file is not None and not self.binaries.supports_tls:
             raise EmbeddedPostgresError(
                 f"TLS needs a server built with OpenSSL; {self.binaries.source} is not "
-                "(Debian's postgresql package is: pass its bin directory)"
+                "(npm's are: DBLAYER_PG=17, or any of 14 to 18)"
             )
         self._tls_files = {
             name: path
@@ -199,7 +127,8 @@ class EmbeddedPostgres:
         self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
         self.port = port or _free_port()
         self._dir: Path | None = None
-        self._owner = _unprivileged_user()
+        # The account the server's programs run as (see default_server_user): it owns the files.
+        self.run_as = pwd.getpwnam(run_as or default_server_user())
         self._bindir = self.binaries.bindir  # where the owner can run them (a copy): by _initdb
         self._lock = threading.Lock()
 
@@ -210,6 +139,12 @@ class EmbeddedPostgres:
     @property
     def running(self) -> bool:
         return self._dir is not None
+
+    @property
+    def bindir(self) -> Path:
+        """The bin directory the server runs from: the binaries' own, or a copy in the server's
+        directory when the user it runs as cannot reach them (set by `start()`)."""
+        return self._bindir
 
     @property
     def directory(self) -> Path:
@@ -281,14 +216,13 @@ class EmbeddedPostgres:
         pwfile = directory / "pwfile"
         pwfile.write_text(self.password + "\n")
         pwfile.chmod(0o600)
-        if self._owner is not None:
-            os.chown(directory, self._owner.pw_uid, self._owner.pw_gid)
-            os.chown(pwfile, self._owner.pw_uid, self._owner.pw_gid)
-            if not self._run_ok("test", "-w", str(directory)):
-                raise EmbeddedPostgresError(
-                    f"user {self._owner.pw_name!r} cannot write to {directory}: choose a "
-                    "base_dir that every user can enter (PostgreSQL refuses to run as root)"
-                )
+        self._give(directory)
+        self._give(pwfile)
+        if not self._run_ok("test", "-w", str(directory)):
+            raise EmbeddedPostgresError(
+                f"user {self.run_as.pw_name!r} cannot write to {directory}: choose a "
+                "base_dir that every user can enter (PostgreSQL refuses to run as root)"
+            )
         self._bindir = bindir = self._usable_bindir()
         self._run(
             str(bindir / "initdb"),
@@ -322,18 +256,17 @@ class EmbeddedPostgres:
             target = data / f"dblayer_{name}"
             shutil.copyfile(source, target)
             target.chmod(0o600)
-            if self._owner is not None:
-                os.chown(target, self._owner.pw_uid, self._owner.pw_gid)
+            self._give(target)
             settings.append(f"{name} = '{target.name}'")  # relative to the data directory
         return settings
 
     def _usable_bindir(self) -> Path:
         """The binaries, copied somewhere the unprivileged user can read if it cannot reach them."""
         bindir = self.binaries.bindir
-        if self._owner is None or self._run_ok(str(bindir / "initdb"), "--version"):
+        if self._run_ok(str(bindir / "initdb"), "--version"):
             return bindir
-        # e.g. a virtualenv under /root (mode 700): copy the installation (about 35 MB) beside
-        # the data directory rather than loosening permissions on the user's home. The wheel's
+        # e.g. a virtualenv under /root (mode 700): copy the installation (35 to 60 MB) beside
+        # the data directory rather than loosening permissions on the user's home. pgserver's
         # programs find their libraries at $ORIGIN/../../../pgserver.libs: keep that layout.
         install = bindir.parent
         copy = self.directory / "pg" / install.parent.name / install.name
@@ -348,6 +281,10 @@ class EmbeddedPostgres:
         # and the next `start()` copies again from there.
         return copy / "bin"
 
+    def _give(self, path: Path) -> None:
+        """Make `path` the server user's (a no-op when that is us)."""
+        os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+
     def _pg_ctl(self, *args: str) -> None:
         self._run(str(self._bindir / "pg_ctl"), "-D", str(self.directory / "data"), *args)
 
@@ -358,7 +295,10 @@ class EmbeddedPostgres:
             return False
 
     def _run(self, *cmd: str) -> None:
-        result = self._subprocess(cmd)
+        try:
+            result = self._subprocess(cmd)
+        except OSError as exc:  # not a program, or not one this machine can run
+            raise EmbeddedPostgresError(f"{Path(cmd[0]).name} cannot be run: {exc}") from exc
         if result.returncode != 0:
             log = self.directory / "server.log"
             detail = (result.stderr or result.stdout).strip()
@@ -367,16 +307,15 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"{Path(cmd[0]).name} failed: {detail}")
 
     def _subprocess(self, cmd: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
-        owner = self._owner
         return subprocess.run(  # noqa: S603 - programs from the PostgreSQL bin directory
             cmd,
             capture_output=True,
             text=True,
             # A new session: Ctrl-C in the terminal reaches us, and we stop the server cleanly.
             start_new_session=True,
-            user=owner.pw_uid if owner else None,
-            group=owner.pw_gid if owner else None,
-            extra_groups=[] if owner and os.geteuid() == 0 else None,
+            user=self.run_as.pw_uid,
+            group=self.run_as.pw_gid,
+            extra_groups=[] if os.geteuid() == 0 else None,  # only root may drop its groups
             cwd=self._dir,
             check=False,
         )
@@ -384,10 +323,18 @@ class EmbeddedPostgres:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dblayer.embedded`: run a server until Ctrl-C, printing its DATABASE_URL."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--bindir", help="PostgreSQL bin directory (default: pgserver, then system)"
+    parser = argparse.ArgumentParser(
+        prog="python -m dblayer.embedded",
+        description=__doc__.splitlines()[0] if __doc__ else None,
     )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--pg",
+        type=int,
+        choices=list(NPM_VERSIONS),
+        help="this major, fetched once from npm (default: $DBLAYER_PG, else pgserver's 16)",
+    )
+    which.add_argument("--bindir", help="a PostgreSQL bin directory of your own")
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--driver", default="asyncpg", choices=["asyncpg", "psycopg"])
     parser.add_argument("--url-file", type=Path, help="also write the URL to this file")
@@ -399,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    server = EmbeddedPostgres(find_binaries(args.bindir), port=args.port, auth=args.auth)
+    binaries = find_binaries(args.bindir, major=args.pg)
+    server = EmbeddedPostgres(binaries, port=args.port, auth=args.auth)
     stopped = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in _STOP_SIGNALS}
     try:

@@ -107,7 +107,7 @@ class _Run:
                 raise pytest.UsageError("TEST_DATABASE_URL is not a database URL")
             if url is not None:
                 self.admin_url = url.set(database=url.database or "postgres")
-            else:
+            else:  # pgserver's PostgreSQL 16, or the major DBLAYER_PG names (from npm)
                 self.embedded = EmbeddedPostgres().start()
                 self.admin_url = self.embedded.url("postgres")
         return self.admin_url
