@@ -90,9 +90,12 @@ app: $(STAMP)
 
 # Tests first (they record what they verified for the index page), then the strict site build,
 # which fails on a missing include or section.
+# `make test SLOW=1` also runs the tests marked slow (tens of seconds each: the suite again on a
+# trust-authentication server); .ci/run does, a quick loop does not.
+SLOW ?=
 test: $(if $(REPEAT),$(STAMP),lint) $(MERMAID_JS)
 	$(BIN)/python -m pytest -n auto --cov --cov-report=term-missing \
-		$(if $(REPEAT),--ignore=tests/test_site.py) $(PYTEST_ARGS)
+		$(if $(REPEAT),--ignore=tests/test_site.py) $(if $(SLOW),,-m "not slow") $(PYTEST_ARGS)
 	$(if $(REPEAT),,@$(MAKE) --no-print-directory site)
 
 update-examples: $(STAMP)

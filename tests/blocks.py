@@ -304,6 +304,12 @@ def _parse_commands(body: str, where: str) -> Iterator[Command]:
         yield Command(line=command, raw="\n".join(raw), expected="\n".join(output).rstrip())
 
 
+# pytest as in a reader's project (PYTEST_ADDOPTS): without the plugins only this suite installs
+# for itself; they print nothing there, but loading them takes a second and a half per run.
+READERS_PYTEST = " ".join(
+    f"-p no:{plugin}"
+    for plugin in ("hypothesispytest", "schemathesis", "pytest_alembic", "examples", "anyio")
+)
 # A console block's working directory as its output shows it: a reader's checkout.
 READER_PROJECT = "/home/you/project"
 # The file a Python block is run from, as its output shows it: what a reader who saved the block

@@ -94,13 +94,30 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         print(f"updated console output: {block}")
 
 
+# Set by coverage (pyproject.toml's `patch = ["subprocess"]`): every Python subprocess started
+# with it is measured, which doubles the time of the many that need not be (a site build, a
+# page's console block). Tests whose subprocesses run src/ code ask for `subprocess_coverage`.
+_SUBPROCESS_COVERAGE = "COVERAGE_PROCESS_CONFIG"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No settings from the developer's shell, and a working directory without a `.env`."""
     for name in list(os.environ):
         if name in _SETTINGS_ENV or name.startswith(_SETTINGS_PREFIXES):
             monkeypatch.delenv(name)
+    monkeypatch.delenv(_SUBPROCESS_COVERAGE, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def subprocess_coverage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coverage measures this test's Python subprocesses (an xdist worker, a killed run)."""
+    if value := _COVERAGE_AT_START:
+        monkeypatch.setenv(_SUBPROCESS_COVERAGE, value)
+
+
+_COVERAGE_AT_START = os.environ.get(_SUBPROCESS_COVERAGE)
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,7 @@ def app_on_database(database_url: URL) -> Iterator[FastAPI]:
     assert set(threading.enumerate()) <= threads
 
 
+@pytest.mark.slow  # ten seconds a driver: .ci/run (make test SLOW=1) runs it
 def test_the_api_keeps_its_contract(app_on_database: FastAPI) -> None:
     failures, tested = run_contract(app_on_database)
     assert not failures, "\n".join(failures)

@@ -25,6 +25,7 @@ from dblayer.models.diagram import er_diagram
 from dblayer.settings import DRIVERS, Driver
 from tests.blocks import (
     CONSOLE_UPDATES,
+    READERS_PYTEST,
     ConsoleBlock,
     FenceSettings,
     find_console_blocks,
@@ -146,6 +147,7 @@ def test_python_block(
     url = databases.url(fresh_database, driver).render_as_string(hide_password=False)
     monkeypatch.setenv("DATABASE_URL", url)
     update = eval_example.update_examples
+    _configure(eval_example)
     if driver == primary:  # lint once per block
         _lint(example, eval_example)
     mode: Literal["check", "update"] | None = "check"
@@ -155,14 +157,20 @@ def test_python_block(
         run_block(eval_example, example, {"__name__": "__main__"}, mode)
 
 
-def _lint(example: CodeExample, eval_example: EvalExample) -> None:
-    """ruff check and ruff format, as a reader's project would configure them (imports sorted
-    with dblayer first-party); `make update-examples` applies the fixes."""
+def _configure(eval_example: EvalExample) -> None:
+    """Line length and target as a reader's project has them: pytest-examples wraps printed
+    output at this length too, so every driver's run needs it, not only the linting one."""
     eval_example.set_config(
         line_length=100,
         target_version="py311",  # type: ignore[arg-type]  # its Literal lists py310 twice
         ruff_ignore=["T201"],
     )
+
+
+def _lint(example: CodeExample, eval_example: EvalExample) -> None:
+    """ruff check and ruff format, as a reader's project would configure them (imports sorted
+    with dblayer first-party); `make update-examples` applies the fixes."""
+    _configure(eval_example)
     # ruff reads its configuration from the working directory (this test's own).
     Path("ruff.toml").write_text(RUFF_TOML)
     if eval_example.update_examples:
@@ -237,6 +245,9 @@ def test_console_block(
         # A reader's own tests (dblayer.testing) make their databases on this run's server (under
         # DATABASE_URL's driver); without it they would start an embedded server of their own.
         "TEST_DATABASE_URL": databases.server.admin_url.render_as_string(hide_password=False),
+        # pytest on a page runs as in a reader's project, without the plugins only this suite
+        # installs (they print nothing there, but loading them takes a second and a half).
+        "PYTEST_ADDOPTS": READERS_PYTEST,
         # the virtualenv's `python`, `alembic`, ... first, as after `source .venv/bin/activate`
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "COLUMNS": "100",

@@ -22,6 +22,7 @@ import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
 
 import dblayer.api.app  # noqa: F401
 from dblayer.settings import Driver
+from tests.blocks import READERS_PYTEST
 from tests.databases import Server, connect
 
 pytest_plugins = ["pytester"]
@@ -47,12 +48,17 @@ def prefix() -> str:
 
 @pytest.fixture
 def project(
-    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch, prefix: str
+    pytester: pytest.Pytester,
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    prefix: str,
+    subprocess_coverage: None,
 ) -> pytest.Pytester:
     """A reader's project: a conftest that enables the plugin, and this run's server."""
     pytester.makeconftest(CONFTEST)
     pytester.makeini(INI.format(extra="", prefix=prefix))
     monkeypatch.setenv("TEST_DATABASE_URL", server.admin_url.render_as_string(hide_password=False))
+    monkeypatch.setenv("PYTEST_ADDOPTS", READERS_PYTEST)  # xdist workers start in a second less
     return pytester
 
 
@@ -528,7 +534,7 @@ def test_under_xdist_a_run_without_database_tests_never_connects(
         port = probe.getsockname()[1]
     monkeypatch.setenv("TEST_DATABASE_URL", f"postgresql://nobody@127.0.0.1:{port}/postgres")
     project.makepyfile(test_unit="def test_pure():\n    assert 1 + 1 == 2\n")
-    result = project.runpytest_inprocess("-n", "2", "-p", "xdist")
+    result = project.runpytest_inprocess("-n", "1", "-p", "xdist")
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.OK
 

@@ -22,6 +22,7 @@ from tests.databases import NO_PASSWORD_AUTH
 from tests.paths import ROOT
 
 LONGEST_FIRST = True  # see conftest: start the slow ones first
+pytestmark = pytest.mark.slow  # a pytest of its own: .ci/run (make test SLOW=1) runs it
 
 SELECTION = [
     "tests/test_engine.py",
