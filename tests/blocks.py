@@ -93,6 +93,8 @@ class FenceSettings:
         if set(needs) - _NEEDS:
             raise ValueError(f"{where}: needs= takes {sorted(_NEEDS)}")
         file = values.get("file", "")
+        if file and values.get("title", file) != file:
+            raise ValueError(f"{where}: title= shows another name than file= writes")
         if file and (not _FILE.fullmatch(file) or ".." in file.split("/")):
             raise ValueError(
                 f"{where}: file= takes a relative path inside the project, not {file!r}"
@@ -256,6 +258,7 @@ def find_console_blocks(root: Path = DOCS) -> Iterator[ConsoleBlock]:
     for path in sorted(root.rglob("*.md")):
         text = path.read_text("utf-8")
         files: list[FileBlock] = []
+        used = 0  # how many of the page's files a console block after them runs
         for match in _FENCE.finditer(text):
             prefix = match.group(3).strip()
             start_line = text[: match.start()].count("\n") + 1
@@ -281,7 +284,12 @@ def find_console_blocks(root: Path = DOCS) -> Iterator[ConsoleBlock]:
                 files=list(files),
             )
             if block.commands:
+                used = len(files)
                 yield block
+        if len(files) > used:
+            raise ValueError(
+                f"{files[used].where}: a file with no console block after it is never run"
+            )
 
 
 def _parse_commands(body: str, where: str) -> Iterator[Command]:

@@ -40,6 +40,7 @@ def test_normalise_keeps_what_matters() -> None:
         ('python test="skip" reason="x"', "in braces"),
         ('{.python file="../outside.py"}', "relative path inside the project"),
         ('{.python file="/etc/passwd"}', "relative path inside the project"),
+        ('{.python file="tests/test_a.py" title="tests/test_b.py"}', "another name"),
     ],
 )
 def test_fence_settings_are_checked(prefix: str, message: str) -> None:
@@ -177,3 +178,10 @@ def test_a_file_that_differs_from_what_the_output_shows_fails(tmp_path: Path) ->
     first.write_files(project)
     with pytest.raises(Failed, match=r"`cat notes/hello.txt` printed \(exit 0\):\n1st"):
         first.run({"PATH": "/usr/bin:/bin"}, project, check=True)
+
+
+def test_a_file_that_no_console_block_runs_fails(tmp_path: Path) -> None:
+    """The planted fault: a file shown after the page's last console block is never run."""
+    text = FILES_PAGE + '\n```{.python file="tests/test_never_run.py"}\nassert False\n```\n'
+    with pytest.raises(ValueError, match=r"page\.md:21: a file with no console block after it"):
+        list(find_console_blocks(page(tmp_path, text).parent))

@@ -131,6 +131,8 @@ def test_the_pages_have_blocks() -> None:
     assert len(PYTHON_BLOCKS) >= 5
     assert CONSOLE_BLOCKS
     assert INCLUDES
+    assert PYTHON_FILES  # the testing page's files (run by its consoles)
+    assert any(block.files for block in CONSOLE_BLOCKS)
 
 
 @pytest.mark.parametrize(("example", "driver"), _params(PYTHON_BLOCKS))
