@@ -575,3 +575,50 @@ def test_sigterm_ends_the_run_and_its_databases(
         run.kill()
         run.wait()
     assert leftover_databases(server, prefix) == []
+
+
+def test_a_project_with_its_own_models_and_schema(driven: pytest.Pytester, prefix: str) -> None:
+    """A reader's own package: its models, its schema in the template (`dblayer_setup`), its
+    tests on `session`; nothing of the guide's models or migrations is needed."""
+    driven.makeini(
+        INI.format(extra="dblayer_setup = shop.models:Base.metadata.create_all", prefix=prefix)
+    )
+    driven.mkpydir("shop")
+    (driven.path / "shop" / "models.py").write_text(
+        textwrap.dedent(
+            """\
+            from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+            class Base(DeclarativeBase):
+                pass
+
+
+            class Order(Base):
+                __tablename__ = "orders"
+                id: Mapped[int] = mapped_column(primary_key=True)
+                total: Mapped[int]
+            """
+        )
+    )
+    driven.makepyfile(
+        test_orders=textwrap.dedent(
+            """\
+            from sqlalchemy import func, select, text
+
+            from shop.models import Order
+
+
+            async def test_an_order(session):
+                session.add(Order(total=12))
+                await session.commit()
+                assert await session.scalar(select(func.sum(Order.total))) == 12
+                assert await session.scalar(text("SELECT to_regclass('users')")) is None
+
+
+            async def test_no_order_left(session):
+                assert await session.scalar(select(func.count()).select_from(Order)) == 0
+            """
+        )
+    )
+    driven.runpytest_inprocess("-p", "no:randomly").assert_outcomes(passed=2)
