@@ -24,6 +24,7 @@ from dblayer.binaries import requested_major
 from dblayer.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 from dblayer.migrate import upgrade
 from dblayer.settings import Driver
+from dblayer.testing import connect  # autocommit psycopg from a URL, password kept out of errors
 
 PREFIX = "dblayer_test_"
 # The one line a test that needs a wrong password refused is skipped with, on a trusting server.
@@ -85,19 +86,6 @@ class Server:
     def stop(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()
-
-
-def connect(url: URL) -> psycopg.Connection[tuple[object, ...]]:
-    """A plain autocommit psycopg connection, keyword arguments so no escaping is involved."""
-    return psycopg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password if isinstance(url.password, str) else None,
-        dbname=url.database,
-        autocommit=True,
-        connect_timeout=10,
-    )
 
 
 @dataclass

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from dblayer.engine import create_engine
 from dblayer.migrate import current_revision, downgrade_to, head_revision, upgrade_to_head
 from dblayer.settings import get_settings
-from tests.databases import connect
+from dblayer.testing import connect
 
 QUICK = ("lock_timeout=200ms",)  # `-x lock_timeout=…`: the tests need not wait the shipped 5 s
 INDEX_IS_VALID = text(

@@ -22,8 +22,9 @@ import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
 
 import dblayer.api.app  # noqa: F401
 from dblayer.settings import Driver
+from dblayer.testing import connect
 from tests.blocks import READERS_PYTEST
-from tests.databases import Server, connect
+from tests.databases import Server
 
 pytest_plugins = ["pytester"]
 
