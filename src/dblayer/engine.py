@@ -40,14 +40,23 @@ class DatabaseUnavailableError(RuntimeError):
 def connect_args(settings: Settings) -> dict[str, Any]:
     """Driver-specific connection arguments: the two drivers spell the same options differently."""
     tls = settings.tls  # libpq's sslmode, sslrootcert, sslcert, sslkey: those that are set
+    # Server settings for every connection, enforced by the server itself (the driver's own
+    # timeouts only stop waiting; the query would go on running).
+    server = {}
+    if settings.db_statement_timeout is not None:
+        server["statement_timeout"] = f"{max(1, round(settings.db_statement_timeout * 1000))}"
     if settings.driver == "psycopg":
         # libpq counts whole seconds and treats anything below 2 as 2.
         args: dict[str, Any] = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
         args |= tls  # libpq's own parameters, as they are
+        if server:  # libpq's startup options, as `PGOPTIONS` would pass them
+            args["options"] = " ".join(f"-c {name}={value}" for name, value in server.items())
         if settings.db_external_pooler:
             args["prepare_threshold"] = None  # never prepare: the next transaction may be elsewhere
         return args
     args = {"timeout": settings.db_connect_timeout}
+    if server:
+        args["server_settings"] = server
     if tls.pop("channel_binding", "prefer") == "require":
         raise SettingsError(
             "channel_binding=require: asyncpg cannot bind authentication to the TLS channel; "

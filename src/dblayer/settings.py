@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     db_hide_parameters: bool = True  # keep bound values (a password hash, an email) out of logs
     # and error messages; set false while debugging
     db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
+    # Seconds a statement may run before the server cancels it (SQLSTATE 57014; the API answers
+    # 503). Unset: the server's own statement_timeout.
+    db_statement_timeout: Annotated[float, Field(gt=0)] | None = None
     # TLS in libpq's words; DATABASE_URL's own ?sslmode=... wins, as over PGSSLMODE in libpq.
     db_sslmode: SSLMode | None = None  # unset: the drivers' default, prefer
     db_sslrootcert: str | None = None  # the CA file that verify-ca and verify-full check against

@@ -71,6 +71,8 @@ async def _unavailable(request: Request, error: Exception) -> JSONResponse:
         reason = "no database connection free in time"
     elif isinstance(error, DatabaseUnavailableError):
         reason = str(error)
+    elif getattr(getattr(error, "orig", None), "sqlstate", None) == "57014":
+        reason = "a statement ran past DB_STATEMENT_TIMEOUT and the server cancelled it"
     else:
         reason = describe_failure(request.app.state.engine.url, error)
     logger.warning("503 for %s %s: %s", request.method, request.url.path, reason)
@@ -102,8 +104,9 @@ async def _database_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, exc.DBAPIError)
     sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
     # Failing to connect is classified on connect (DatabaseUnavailableError); here, a connection
-    # lost mid-request (SQLAlchemy noticed) or ended by the server (08, 57P: shutdown, terminate).
-    if error.connection_invalidated or sqlstate.startswith(("08", "57P")):
+    # lost mid-request (SQLAlchemy noticed) or ended by the server (08, 57P: shutdown, terminate),
+    # or a statement the server cancelled for running too long (57014, DB_STATEMENT_TIMEOUT).
+    if error.connection_invalidated or sqlstate.startswith(("08", "57P")) or sqlstate == "57014":
         return await _unavailable(request, error)
     if sqlstate.startswith("23"):  # integrity: unique, foreign key, check, not null
         detail = "conflicts with existing data"
