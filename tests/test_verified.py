@@ -24,6 +24,8 @@ from tests.browser import ARTIFACTS
 from tests.databases import Server
 from tests.report import Report, changed, working_tree
 
+pytest_plugins = ["pytester"]
+
 ROOT = verified.ROOT
 
 
@@ -262,13 +264,15 @@ def test_the_index_page_has_the_line_the_record_replaces() -> None:
 
 
 def test_the_fingerprint_is_of_what_the_run_ran(tmp_path: Path) -> None:
-    """Pages, package, alembic.ini: an edit to any is new content; a benchmark table, compiled
-    files and pip's metadata are not."""
+    """Pages, package, harness, alembic.ini, mkdocs.yml: an edit to any is new content; a
+    benchmark table, compiled files and pip's metadata are not."""
     files = {
         "docs/index.md": "# Home\n",
         "src/dblayer/settings.py": "X = 1\n",
         "src/dblayer/migrations/script.py.mako": "${up}\n",
+        "tests/blocks.py": "NORMALISE = []\n",
         "alembic.ini": "[alembic]\n",
+        "mkdocs.yml": "site_name: x\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +283,7 @@ def test_the_fingerprint_is_of_what_the_run_ran(tmp_path: Path) -> None:
         "src/dblayer/__pycache__/settings.cpython-311.pyc",
         "src/dblayer.egg-info/PKG-INFO",
         "docs/assets/vendor/mermaid.min.js",
+        "tests/__pycache__/blocks.cpython-311.pyc",
     ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("not content\n")
@@ -289,3 +294,33 @@ def test_the_fingerprint_is_of_what_the_run_ran(tmp_path: Path) -> None:
         assert verified.fingerprint(tmp_path) != first, name
         (tmp_path / name).write_text(original)
     assert verified.fingerprint(tmp_path) == first
+
+
+def test_a_run_of_some_tests_records_nothing(pytester: pytest.Pytester) -> None:
+    """Only a run of the whole suite, as `make test` selects it, may say it verified the pages:
+    naming test files, `-k`, another marker expression or `--lf` records nothing."""
+    pytester.makeini("[pytest]\ntestpaths = tests\n")
+    (pytester.path / "tests").mkdir()
+    report = _report()
+    report.finished = expected_docs_tests()
+    assert report.record(pytester.parseconfig()) is not None
+    assert report.record(pytester.parseconfig("-m", "not slow")) is not None  # make test
+    for args in (["-k", "engine"], ["tests/test_docs.py"], ["-m", "slow"], ["--lf"]):
+        assert report.record(pytester.parseconfig(*args)) is None, args
+
+
+def test_ci_builds_only_with_a_record_of_every_major(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REQUIRE_VERIFIED_MAJORS (CI's site build): a major with no record of this content, or
+    only a stale one, fails the build instead of leaving the badge a major short."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("# Home\n")
+    counts = {"asyncpg": 60, "psycopg": 60}
+    for server, content in (("16.14", verified.fingerprint(tmp_path)), ("17.10", "0" * 16)):
+        verified.Record.of_this_run(content, server, counts, counts, 0).write(tmp_path)
+    monkeypatch.setenv("REQUIRE_VERIFIED_MAJORS", "16")
+    assert [record.major for record in verified.records(tmp_path)] == [16]
+    monkeypatch.setenv("REQUIRE_VERIFIED_MAJORS", "16 17 18")
+    with pytest.raises(PluginError, match=r"no record of this content for PostgreSQL 17, 18$"):
+        verified.records(tmp_path)

