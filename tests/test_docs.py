@@ -172,7 +172,6 @@ def _configure(eval_example: EvalExample) -> None:
 def _lint(example: CodeExample, eval_example: EvalExample) -> None:
     """ruff check and ruff format, as a reader's project would configure them (imports sorted
     with dblayer first-party); `make update-examples` applies the fixes."""
-    _configure(eval_example)
     # ruff reads its configuration from the working directory (this test's own).
     Path("ruff.toml").write_text(RUFF_TOML)
     if eval_example.update_examples:
@@ -186,6 +185,7 @@ def _lint(example: CodeExample, eval_example: EvalExample) -> None:
 def test_python_file_block(example: CodeExample, eval_example: EvalExample) -> None:
     """A file of the reader's project on a page (`file="…"`): linted here, run by the console
     blocks after it."""
+    _configure(eval_example)
     _lint(example, eval_example)
 
 

@@ -358,7 +358,7 @@ def database_settings(_dblayer_run: _Run) -> Settings:
 def _loop_lives_for_the_run(config: pytest.Config) -> bool:
     """Whether async fixtures share one event loop for the whole run (pytest-asyncio's
     `asyncio_default_fixture_loop_scope = session`) rather than a loop per test."""
-    return bool(config.getini("asyncio_default_fixture_loop_scope") == "session")
+    return _loop_scopes(config)[0] == "session"
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
