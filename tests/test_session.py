@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import InvalidRequestError, SAWarning
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -110,3 +111,18 @@ async def test_one_session_per_task(sessionmaker: async_sessionmaker[AsyncSessio
 
     await asyncio.gather(*(own_session(f"u{i}") for i in range(5)))
     assert await users(sessionmaker) == 5
+
+
+async def test_a_scope_runs_at_the_isolation_level_it_is_given(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    """The level is set before anything else runs in the transaction (later, SQLAlchemy would
+    ignore it with only a warning); the connection goes back to the pool at the default."""
+    show = text("SHOW transaction_isolation")
+    for level in ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "execution_options ignored" would fail the test
+            async with session_scope(sessionmaker, isolation_level=level) as session:
+                assert await session.scalar(show) == level.lower()
+    async with session_scope(sessionmaker) as session:
+        assert await session.scalar(show) == "read committed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -29,12 +30,22 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 
 
 # --8<-- [start:session_scope]
+IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
+
+
 @asynccontextmanager
 async def session_scope(
     sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    isolation_level: IsolationLevel | None = None,
 ) -> AsyncIterator[AsyncSession]:
     """A session in a transaction: committed when the block succeeds, rolled back when it raises
-    (also when the task is cancelled), and closed (its connection returned) either way."""
+    (also when the task is cancelled), and closed (its connection returned) either way.
+    `isolation_level` applies to this transaction only (else the engine's, the server's)."""
     async with sessionmaker() as session, session.begin():
+        if isolation_level is not None:
+            # First, before any statement: once the transaction has a connection, SQLAlchemy
+            # ignores the option with only a warning. The pool resets it on return.
+            await session.connection(execution_options={"isolation_level": isolation_level})
         yield session
     # --8<-- [end:session_scope]
