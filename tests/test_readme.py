@@ -39,7 +39,7 @@ def table_problems(root: Path = ROOT) -> list[str]:
         name = page.relative_to(root).as_posix()
         if (count := listed_pages.count(name)) != 1:
             problems.append(f"{name} is listed {count} times")
-    for path in [root / p for p in listed_pages] + listed_code:
+    for path in dict.fromkeys([root / p for p in listed_pages] + listed_code):  # each once
         if not path.exists():
             problems.append(f"{path.relative_to(root)} does not exist")
     for name in sorted(listed_tests):

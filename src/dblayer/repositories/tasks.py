@@ -17,6 +17,7 @@ class TaskRepository(Repository[Task]):
     sortable = ("created_at", "updated_at", "title", "status")
     filterable = ("status", "user_id")
 
+    # --8<-- [start:get_for_update]
     async def get_for_update(self, id: uuid.UUID) -> Task | None:
         """The task read with its row locked until the transaction ends, and reloaded even if
         the session holds it already (`populate_existing`): a rule checked on it cannot be
@@ -29,6 +30,7 @@ class TaskRepository(Repository[Task]):
             .execution_options(populate_existing=True)
         )
         return found
+        # --8<-- [end:get_for_update]
 
     async def get_by_user(
         self, user_id: uuid.UUID, *, limit: int = 50, cursor: str | None = None

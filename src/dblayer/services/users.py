@@ -36,6 +36,7 @@ class UserService:
             raise DuplicateError("username")
         # Hashing is CPU work: run it in a thread so the event loop keeps serving others.
         hashed = await asyncio.to_thread(PASSWORDS.hash, password)
+        # --8<-- [start:savepoint]
         try:
             async with self.session.begin_nested():  # a savepoint: a clash undoes only this
                 return await self.users.create(
@@ -46,6 +47,7 @@ class UserService:
             if field is None:
                 raise
             raise DuplicateError(field) from None
+        # --8<-- [end:savepoint]
 
     async def authenticate(self, username: str, password: str) -> User | None:
         """The active user with this username and password, else None (same answer for both).
