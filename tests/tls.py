@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 import trustme
+from psycopg import sql
 
 from dblayer.embedded import Binaries, EmbeddedPostgres, find_binaries
+from dblayer.settings import Driver
+from tests.databases import Databases, Server
 
 # The role (and database) the client certificate is for: `cert` authentication matches its CN.
 CLIENT_ROLE = "app"
@@ -93,3 +96,49 @@ def _ask_for_client_certificates(server: EmbeddedPostgres) -> None:
     )
     hba.write_text(lines + hba.read_text())
     server.restart()  # read pg_hba.conf again (a reload would not be done when we return)
+
+
+@dataclass
+class TLSDatabases:
+    """The pages' `needs="tls"` blocks' databases on a `TLSServer` (see `FenceSettings`): a
+    migrated clone named `CLIENT_ROLE` per block, and the environment a block runs with."""
+
+    tls: TLSServer
+    databases: Databases
+
+    def fresh(self, driver: Driver) -> dict[str, str]:
+        """Clone the template into `app`; the block's environment (a reader's deployment)."""
+        self.databases.clone(name=CLIENT_ROLE)
+        return {
+            "DATABASE_URL": self.tls.url(driver, database=CLIENT_ROLE),
+            "DB_SSLROOTCERT": str(self.tls.ca_file),
+            "DB_SSLCERT": str(self.tls.client_cert),
+            "DB_SSLKEY": str(self.tls.client_key),
+        }
+
+    def drop(self) -> None:
+        """The block's database, and the roles it named after it (cluster-wide)."""
+        admin = self.databases.admin
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(CLIENT_ROLE))
+        )
+        self.databases.created.remove(CLIENT_ROLE)
+        named = admin.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname = %s OR rolname LIKE %s",
+            (CLIENT_ROLE, f"{CLIENT_ROLE}\\_%"),
+        ).fetchall()
+        for (role,) in named:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(str(role))))
+
+
+@contextlib.contextmanager
+def serve_tls_databases(files: Path) -> Iterator[TLSDatabases]:
+    """A TLS server with a template of its own, built (by the migrations) on first use."""
+    with tls_server(files) as tls:
+        url = tls.server.url("postgres").set(drivername="postgresql")
+        origin = f"embedded with TLS, {tls.server.binaries.source}"
+        databases = Databases(Server(url, origin, embedded=tls.server))
+        try:
+            yield TLSDatabases(tls, databases)
+        finally:
+            databases.teardown()
