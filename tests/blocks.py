@@ -10,6 +10,8 @@ A fence may carry settings, each needing a `reason="…"`:
 `needs="password-auth"` (no reason needed) marks a block that shows a wrong password refused: on
 a server with trust authentication it is skipped with one line, not exempted.
 
+`needs="tls"` (no reason needed) runs the block on a server with TLS on: see `FenceSettings`.
+
 Writing blocks that pytest-examples can keep up to date (learned the hard way):
 
 * prints must run in the order they stand in the source (it inserts the outputs in that order);
@@ -39,7 +41,7 @@ _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
-_NEEDS = {"password-auth"}  # what a reader's server may not offer (see FenceSettings.needs)
+_NEEDS = {"password-auth", "tls"}  # what a reader's server may not offer (see the docstring)
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -49,6 +51,8 @@ _NORMALISE = [
     (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s)\b"), "<duration>"),
     (re.compile(r"(?:/tmp|/dev/shm)/[\w./-]+"), "<tmp>"),
     (re.compile(r"127\.0\.0\.1:(?!1\b)\d+"), "127.0.0.1:<port>"),  # port 1 is the refused one
+    (re.compile(r"\blocalhost:\d+"), "localhost:<port>"),  # the TLS server's (needs="tls")
+    (re.compile(r"\bTLSv1\.[23]\b"), "TLSv1.<minor>"),  # what the server's OpenSSL negotiates
 ]
 
 
@@ -61,7 +65,28 @@ def normalise(text: str) -> str:
 
 @dataclass(frozen=True)
 class FenceSettings:
-    """The `key="value"` settings of a fence, checked: every exemption has a reason."""
+    """The `key="value"` settings of a fence, checked: every exemption has a reason.
+
+    `needs="tls"` (no reason needed) runs the block (python or console) on a server with TLS on
+    instead (`tests/tls.py`; its own even with TEST_DATABASE_URL, since TLS cannot be switched on in
+    someone's server), in a fresh migrated database there named `app`, with the environment of a
+    reader's deployment that has a CA and a client certificate:
+
+    * `DATABASE_URL`: the superuser (with its password) on `app`, at `localhost`, the one name the
+      server's certificate has (connecting to 127.0.0.1 with `verify-full` is the wrong host name);
+      no `sslmode`: the block says which it uses;
+    * `DB_SSLROOTCERT`: the CA that signed the server's certificate;
+    * `DB_SSLCERT`, `DB_SSLKEY`: a client certificate (and its key) for the role `app`, which the
+      block creates if it shows certificate authentication: the server's `pg_hba.conf` asks any role
+      connecting over TLS to the database of its own name for a certificate with its name as CN;
+    * `HOME`: an empty directory, so libpq's default `~/.postgresql/root.crt` is never the
+      developer's; `PGSSLMODE` and the other `PGSSL…` variables unset.
+
+    The database and the roles named after it are dropped after the block. The server is one per
+    xdist worker, started when its first such block runs, so the fixed name `app` never clashes:
+    the two drivers' runs of a block, when at once, are on two servers. Where no PostgreSQL built
+    with OpenSSL is found the block is skipped with one line (REQUIRE_TLS_TEST makes it a failure).
+    """
 
     drivers: tuple[Driver, ...] = DRIVERS
     skip: bool = False

@@ -19,6 +19,7 @@ from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
 from tests.blocks import apply_console_updates
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.tls import TLSDatabases, serve_tls_databases
 
 pytest_plugins = ["tests.report"]  # the run report: what ran, the summary, the site's record
 
@@ -128,6 +129,15 @@ def server(pytestconfig: pytest.Config) -> Server:
 @pytest.fixture(scope="session")
 def databases(pytestconfig: pytest.Config) -> Databases:
     return pytestconfig.stash[DATABASES]
+
+
+@pytest.fixture(scope="session")
+def tls_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDatabases]:
+    """The server of the pages' `needs="tls"` blocks (tests/tls.py), whichever server the run
+    uses otherwise: started when the first such block runs (in each xdist worker), with its own
+    template; skipped in one line where no PostgreSQL has OpenSSL."""
+    with serve_tls_databases(tmp_path_factory.mktemp("tls")) as databases:
+        yield databases
 
 
 @pytest.fixture(scope="session")

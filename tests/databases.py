@@ -123,11 +123,12 @@ class Databases:
         finally:
             engine.dispose()
 
-    def clone(self, *, empty: bool = False) -> str:
-        """A new database: a copy of the migrated template, or `empty` (no schema at all)."""
+    def clone(self, *, empty: bool = False, name: str = "") -> str:
+        """A new database: a copy of the migrated template, or `empty` (no schema at all). Named
+        by `name` only on a server of the run's own (tests/tls.py's), where no one else's are."""
         if not empty and not self._template_built:
             self.build_template()
-        name = f"{PREFIX}{self.run}_{next(self._counter)}"
+        name = name or f"{PREFIX}{self.run}_{next(self._counter)}"
         self._create(name, template="template0" if empty else self.template)
         return name
 

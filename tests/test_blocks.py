@@ -26,6 +26,10 @@ def test_normalise_keeps_what_matters() -> None:
     # Port 1 is the "connection refused" example: it is content, not noise.
     assert normalise("127.0.0.1:1/app") != normalise("127.0.0.1:2/app")
     assert normalise("ok: PostgreSQL 16.2") != normalise("error: PostgreSQL 16.2")
+    # The TLS server of needs="tls" blocks is reached by name; its OpenSSL picks the version.
+    assert normalise("localhost:5432/app") == normalise("localhost:40001/app")
+    assert normalise("ssl: TLSv1.3") == normalise("ssl: TLSv1.2")
+    assert normalise("ssl: TLSv1.3") != normalise("ssl: TLSv1.1")
 
 
 @pytest.mark.parametrize(
@@ -37,6 +41,7 @@ def test_normalise_keeps_what_matters() -> None:
         ('{.python drivers="psycopg2" reason="x"}', "names none of"),
         ('{.python colour="red"}', "unknown fence setting"),
         ('{.python needs="superuser"}', "needs= takes"),
+        ('{.python needs="ssl"}', "needs= takes"),
         ('python test="skip" reason="x"', "in braces"),
         ('{.python file="../outside.py"}', "relative path inside the project"),
         ('{.python file="/etc/passwd"}', "relative path inside the project"),
@@ -56,6 +61,10 @@ def test_fence_settings() -> None:
     assert FenceSettings.parse('{.console test="skip" reason="docker"}', "x").skip
     needs = FenceSettings.parse('{.python needs="password-auth"}', "x")
     assert (needs.needs, needs.exempt) == (("password-auth",), False)
+    tls = FenceSettings.parse('{.python needs="tls"}', "x")  # no reason: it runs, elsewhere
+    assert (tls.needs, tls.exempt) == (("tls",), False)
+    both = FenceSettings.parse('{.console needs="tls password-auth"}', "x")
+    assert both.needs == ("tls", "password-auth")
 
 
 def page(tmp_path: Path, text: str) -> Path:

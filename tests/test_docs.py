@@ -37,6 +37,7 @@ from tests.blocks import (
 )
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
 from tests.paths import DOCS, ROOT
+from tests.tls import TLSDatabases
 
 RUFF_TOML = """\
 line-length = 100
@@ -80,6 +81,33 @@ def _settings(
     if "password-auth" in settings.needs and not server.enforces_passwords:
         pytest.skip(NO_PASSWORD_AUTH)
     return settings
+
+
+def _database(
+    settings: FenceSettings,
+    driver: Driver,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[dict[str, str], str]:
+    """The block's own fresh database: the environment that names it (`DATABASE_URL`, and for
+    `needs="tls"` the certificates: see `FenceSettings`), and its server's admin URL."""
+    if "tls" in settings.needs:
+        tls: TLSDatabases = request.getfixturevalue("tls_databases")  # skips without OpenSSL
+        home = request.getfixturevalue("tmp_path") / "home"
+        home.mkdir()
+        monkeypatch.setenv("HOME", str(home))  # no ~/.postgresql of the developer's
+        for variable in [v for v in os.environ if v.startswith("PGSSL")]:
+            monkeypatch.delenv(variable)
+        environment = tls.fresh(driver)
+        request.addfinalizer(tls.drop)
+        server = tls.databases.server
+    else:
+        databases: Databases = request.getfixturevalue("databases")
+        name: str = request.getfixturevalue("fresh_database")
+        url = databases.url(name, driver).render_as_string(hide_password=False)
+        environment = {"DATABASE_URL": url}
+        server = databases.server
+    return environment, server.admin_url.render_as_string(hide_password=False)
 
 
 def _kind(block: CodeExample | ConsoleBlock) -> str:
@@ -140,14 +168,13 @@ def test_python_block(
     example: CodeExample,
     driver: Driver,
     eval_example: EvalExample,
-    databases: Databases,
-    fresh_database: str,
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    primary = _settings(example, driver, request).drivers[0]  # lints and updates the page
-    url = databases.url(fresh_database, driver).render_as_string(hide_password=False)
-    monkeypatch.setenv("DATABASE_URL", url)
+    settings = _settings(example, driver, request)
+    primary = settings.drivers[0]  # lints and updates the page
+    for variable, value in _database(settings, driver, request, monkeypatch)[0].items():
+        monkeypatch.setenv(variable, value)
     update = eval_example.update_examples
     _configure(eval_example)
     if driver == primary:  # lint once per block
@@ -235,18 +262,19 @@ def _interrupts_stop_the_run() -> Iterator[None]:
 def test_console_block(
     block: ConsoleBlock,
     driver: Driver,
-    databases: Databases,
-    fresh_database: str,
     request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    primary = _settings(block, driver, request).drivers[0]
+    settings = _settings(block, driver, request)
+    primary = settings.drivers[0]
+    database, server = _database(settings, driver, request, monkeypatch)
     env = {
         **os.environ,
-        "DATABASE_URL": databases.url(fresh_database, driver).render_as_string(hide_password=False),
+        **database,
         # A reader's own tests (dblayer.testing) make their databases on this run's server (under
         # DATABASE_URL's driver); without it they would start an embedded server of their own.
-        "TEST_DATABASE_URL": databases.server.admin_url.render_as_string(hide_password=False),
+        "TEST_DATABASE_URL": server,
         # pytest on a page runs as in a reader's project, without the plugins only this suite
         # installs (they print nothing there, but loading them takes a second and a half).
         "PYTEST_ADDOPTS": READERS_PYTEST,

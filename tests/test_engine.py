@@ -91,7 +91,16 @@ def test_a_tls_file_that_is_not_there_is_one_line_at_once(name: str, driver_name
     )
     with pytest.raises(SettingsError) as refused:
         create_engine(settings)
-    assert str(refused.value) == f"{name}: no such file '/nowhere/x.pem'"
+    assert str(refused.value) == f"DB_{name.upper()}: no such file '/nowhere/x.pem'"
+
+
+@pytest.mark.parametrize("name", ["sslrootcert", "sslcert", "sslkey"])
+def test_a_tls_file_in_the_url_that_is_not_there_names_the_url(name: str) -> None:
+    """The message names the setting to fix: DATABASE_URL's query, not a DB_ variable."""
+    url = f"postgresql://shop:hunter2@db.example.com/shop?sslmode=verify-full&{name}=/nowhere/x.pem"
+    with pytest.raises(SettingsError) as refused:
+        create_engine(get_settings(database_url=url, **{f"db_{name}": "/nowhere/ignored.pem"}))
+    assert str(refused.value) == f"DATABASE_URL's {name}: no such file '/nowhere/x.pem'"
 
 
 async def test_engine_from_the_environment_uses_the_pool_settings(
@@ -208,10 +217,27 @@ def test_describe_failure_without_host_port_or_password() -> None:
             ),
             "the server's certificate is not signed by the CA in sslrootcert",
         ),
-        (
-            DriverError('root certificate file "/root/.postgresql/root.crt" does not exist'),
-            'root certificate file "/root/.postgresql/root.crt" does not exist: set sslrootcert '
+        (  # libpq's default place, in the home directory: written as its documentation does
+            DriverError(
+                f'root certificate file "{Path.home()}/.postgresql/root.crt" does not exist'
+            ),
+            'root certificate file "~/.postgresql/root.crt" does not exist: set sslrootcert '
             "(or DB_SSLROOTCERT) to the CA's certificate",
+        ),
+        (
+            DriverError('root certificate file "/srv/ca/root.crt" does not exist'),
+            'root certificate file "/srv/ca/root.crt" does not exist: set sslrootcert '
+            "(or DB_SSLROOTCERT) to the CA's certificate",
+        ),
+        (  # a `hostssl … cert` line in pg_hba.conf, no certificate sent
+            DriverError("FATAL:  connection requires a valid client certificate"),
+            "the server asks for a client certificate: set sslcert and sslkey "
+            "(or DB_SSLCERT and DB_SSLKEY)",
+        ),
+        (  # a certificate whose CN is another user's
+            DriverError('FATAL:  certificate authentication failed for user "app"'),
+            "the client certificate is not for user 'app' (cert authentication needs its CN to "
+            "be the user's name)",
         ),
         (
             DriverError('PostgreSQL server at "db.internal:5432" rejected SSL upgrade'),

@@ -4,76 +4,37 @@ against an embedded server with `ssl=on` and a certificate from a throwaway CA (
 The certificate names `localhost` only, so connecting to 127.0.0.1 with `verify-full` is the wrong
 host name, and `verify-ca` (which checks the CA but not the name) still connects.
 
-pgserver's PostgreSQL is built without OpenSSL: the server here runs on the system's binaries, and
-without any the module is skipped with one line (`.ci/run` sets REQUIRE_TLS_TEST: there it fails).
+The server is `tests/tls.py`'s (shared with the pages' `needs="tls"` blocks); without PostgreSQL
+built with OpenSSL the module is skipped with one line (`.ci/run` sets REQUIRE_TLS_TEST: there it
+fails).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
-from sqlalchemy import make_url, text
+from sqlalchemy import URL, make_url, text
+from sqlalchemy import create_engine as sync_engine
+from sqlalchemy.pool import NullPool
 
-from dblayer.embedded import Binaries, EmbeddedPostgres, find_binaries
+from dblayer.api import create_app
+from dblayer.embedded import EmbeddedPostgres
 from dblayer.engine import check_connection, create_engine
+from dblayer.migrate import upgrade
 from dblayer.settings import Driver, get_settings
+from dblayer.testing import connect
+from tests.apps import client_for, new_user, settings_for
+from tests.tls import CLIENT_ROLE, TLSServer, tls_server
 from tests.unavailable import unavailable_error
 
 
-@dataclass(frozen=True)
-class TLSServer:
-    server: EmbeddedPostgres
-    ca_file: Path  # the CA that signed the server's certificate (and the client's)
-    client_cert: Path
-    client_key: Path
-
-    def url(self, driver: Driver, host: str = "localhost", **query: str) -> str:
-        url = self.server.url("postgres", driver).set(host=host).update_query_dict(query)
-        return url.render_as_string(hide_password=False)
-
-
-def tls_binaries() -> Binaries:
-    """The first PostgreSQL here built with OpenSSL: pgserver's wheel, else the system's."""
-    system = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    for binaries in [find_binaries(), *(find_binaries(bindir) for bindir in system)]:
-        if binaries.supports_tls:
-            return binaries
-    message = (
-        "no PostgreSQL built with OpenSSL here (pgserver's is not): "
-        "`make test PG=18` (npm's binaries are), or apt-get install postgresql"
-    )
-    if os.environ.get("REQUIRE_TLS_TEST"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
-    binaries = tls_binaries()
-    ca = trustme.CA()
-    files = tmp_path_factory.mktemp("tls")
-    server_cert = ca.issue_cert("localhost")  # not 127.0.0.1: that is the wrong name
-    for pem in server_cert.cert_chain_pems:
-        pem.write_to_path(str(files / "server.crt"), append=True)
-    server_cert.private_key_pem.write_to_path(str(files / "server.key"))
-    ca.cert_pem.write_to_path(str(files / "ca.crt"))
-    client = ca.issue_cert("postgres", common_name="postgres")
-    client.cert_chain_pems[0].write_to_path(str(files / "client.crt"))
-    client.private_key_pem.write_to_path(str(files / "client.key"))
-    (files / "client.key").chmod(0o600)  # libpq refuses a key others can read
-    server = EmbeddedPostgres(
-        binaries,
-        ssl_cert_file=files / "server.crt",
-        ssl_key_file=files / "server.key",
-        ssl_ca_file=files / "ca.crt",  # so that the server asks for (but needs no) client cert
-    )
-    with server:
-        yield TLSServer(server, files / "ca.crt", files / "client.crt", files / "client.key")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
+    with tls_server(tmp_path_factory.mktemp("tls")) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -111,91 +72,85 @@ async def refused(database_url: str, caplog: pytest.LogCaptureFixture) -> str:
     return str(error)
 
 
-async def test_require_encrypts(tls_server: TLSServer, driver: Driver) -> None:
+async def test_require_encrypts(tls: TLSServer, driver: Driver) -> None:
     """What Heroku, Render or Neon hand out: encrypted, the certificate not checked."""
-    row = await connected(tls_server.url(driver, host="127.0.0.1", sslmode="require"))
+    row = await connected(tls.url(driver, host="127.0.0.1", sslmode="require"))
     assert row["ssl"] is True
     assert str(row["version"]).startswith("TLSv1.")
 
 
-async def test_verify_full_with_the_ca(tls_server: TLSServer, driver: Driver) -> None:
-    url = tls_server.url(driver, sslmode="verify-full", sslrootcert=str(tls_server.ca_file))
+async def test_verify_full_with_the_ca(tls: TLSServer, driver: Driver) -> None:
+    url = tls.url(driver, sslmode="verify-full", sslrootcert=str(tls.ca_file))
     assert (await connected(url))["ssl"] is True
 
 
-async def test_verify_ca_does_not_check_the_host_name(
-    tls_server: TLSServer, driver: Driver
-) -> None:
-    url = tls_server.url(
-        driver, host="127.0.0.1", sslmode="verify-ca", sslrootcert=str(tls_server.ca_file)
-    )
+async def test_verify_ca_does_not_check_the_host_name(tls: TLSServer, driver: Driver) -> None:
+    url = tls.url(driver, host="127.0.0.1", sslmode="verify-ca", sslrootcert=str(tls.ca_file))
     assert (await connected(url))["ssl"] is True
 
 
-async def test_a_client_certificate_is_sent(tls_server: TLSServer, driver: Driver) -> None:
-    url = tls_server.url(
+async def test_a_client_certificate_is_sent(tls: TLSServer, driver: Driver) -> None:
+    url = tls.url(
         driver,
         sslmode="verify-full",
-        sslrootcert=str(tls_server.ca_file),
-        sslcert=str(tls_server.client_cert),
-        sslkey=str(tls_server.client_key),
+        sslrootcert=str(tls.ca_file),
+        sslcert=str(tls.client_cert),
+        sslkey=str(tls.client_key),
     )
-    assert "CN=postgres" in str((await connected(url))["client_dn"])
+    assert "CN=app" in str((await connected(url))["client_dn"])
 
 
-async def test_disable_does_not_encrypt(tls_server: TLSServer, driver: Driver) -> None:
-    assert (await connected(tls_server.url(driver, sslmode="disable")))["ssl"] is False
+async def test_disable_does_not_encrypt(tls: TLSServer, driver: Driver) -> None:
+    assert (await connected(tls.url(driver, sslmode="disable")))["ssl"] is False
 
 
 async def test_verify_full_refuses_the_wrong_host_name(
-    tls_server: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
+    tls: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = tls_server.url(
-        driver, host="127.0.0.1", sslmode="verify-full", sslrootcert=str(tls_server.ca_file)
-    )
+    url = tls.url(driver, host="127.0.0.1", sslmode="verify-full", sslrootcert=str(tls.ca_file))
     message = await refused(url, caplog)
     assert message == (
-        f"cannot connect to 127.0.0.1:{tls_server.server.port}/postgres: the server's certificate "
+        f"cannot connect to 127.0.0.1:{tls.server.port}/postgres: the server's certificate "
         "is not valid for host '127.0.0.1' (sslmode=verify-full checks the name: connect by a "
         "name the certificate has)"
     )
 
 
 async def test_verify_ca_refuses_a_certificate_from_another_ca(
-    tls_server: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    tls: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     trustme.CA().cert_pem.write_to_path(str(tmp_path / "other.crt"))
-    url = tls_server.url(driver, sslmode="verify-ca", sslrootcert=str(tmp_path / "other.crt"))
+    url = tls.url(driver, sslmode="verify-ca", sslrootcert=str(tmp_path / "other.crt"))
     message = await refused(url, caplog)
     assert message.endswith(": the server's certificate is not signed by the CA in sslrootcert")
 
 
-async def test_channel_binding_with_psycopg(tls_server: TLSServer) -> None:
+async def test_channel_binding_with_psycopg(tls: TLSServer) -> None:
     """SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS), as Neon's URLs ask for."""
-    url = tls_server.url("psycopg", sslmode="require", channel_binding="require")
+    url = tls.url("psycopg", sslmode="require", channel_binding="require")
     assert (await connected(url))["ssl"] is True
 
 
 async def test_the_systems_ca_store_is_used_for_sslrootcert_system(
-    tls_server: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
+    tls: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`sslrootcert=system` (libpq 16+, and provider URLs that use it) means the system's CAs:
     this server's throwaway CA is not among them, so both drivers refuse it, in the same line.
     asyncpg would otherwise look for a file named "system" and fail with a bare error."""
-    url = tls_server.url(driver, sslmode="verify-full", sslrootcert="system")
+    url = tls.url(driver, sslmode="verify-full", sslrootcert="system")
     message = await refused(url, caplog)
     assert message.endswith(": the server's certificate is not signed by the CA in sslrootcert")
 
 
 async def test_verify_full_without_the_ca_is_refused(
-    tls_server: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
+    tls: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without sslrootcert both drivers look for ~/.postgresql/root.crt, as libpq does."""
-    message = await refused(tls_server.url(driver, sslmode="verify-full"), caplog)
+    message = await refused(tls.url(driver, sslmode="verify-full"), caplog)
     assert message == (
-        f"cannot connect to localhost:{tls_server.server.port}/postgres: root certificate file "
-        f'"{Path.home() / ".postgresql" / "root.crt"}" does not exist: set sslrootcert (or '
-        "DB_SSLROOTCERT) to the CA's certificate"
+        f"cannot connect to localhost:{tls.server.port}/postgres: root certificate file "
+        '"~/.postgresql/root.crt" does not exist: set sslrootcert (or DB_SSLROOTCERT) to the '
+        "CA's certificate"
     )
 
 
@@ -209,3 +164,90 @@ async def test_require_on_a_server_without_tls_is_refused(
         f"cannot connect to 127.0.0.1:{plain.port}/postgres: the server does not offer TLS, and "
         "sslmode requires it"
     )
+
+
+@pytest.fixture(scope="module")
+def cert_role(tls: TLSServer) -> str:
+    """The client certificate's role, with a database of its name: pg_hba.conf's `hostssl
+    sameuser … cert` line asks it for that certificate; a second role, with no certificate."""
+    with connect(make_url(tls.url("psycopg"))) as conn:
+        for role in (CLIENT_ROLE, "other"):
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+            conn.execute(f"CREATE DATABASE {role} OWNER {role}")
+    return CLIENT_ROLE
+
+
+def as_role(tls: TLSServer, driver: Driver, role: str, **query: str) -> str:
+    """`role` on its own database, with no password: only a certificate can let it in."""
+    url = URL.create(
+        f"postgresql+{driver}",
+        username=role,
+        host="localhost",
+        port=tls.server.port,
+        database=role,
+        query={"sslmode": "verify-full", "sslrootcert": str(tls.ca_file), **query},
+    )
+    return url.render_as_string()
+
+
+async def test_cert_authentication_with_the_client_certificate(
+    tls: TLSServer, cert_role: str, driver: Driver
+) -> None:
+    url = as_role(tls, driver, cert_role, sslcert=str(tls.client_cert), sslkey=str(tls.client_key))
+    assert str((await connected(url))["client_dn"]).endswith(f"/CN={cert_role}")
+
+
+async def test_cert_authentication_without_a_certificate_is_refused(
+    tls: TLSServer, cert_role: str, driver: Driver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both drivers said it differently (asyncpg "Error: …", psycopg the whole libpq line), and
+    as if waiting could help."""
+    message = await refused(as_role(tls, driver, cert_role), caplog)
+    assert message == (
+        f"cannot connect to localhost:{tls.server.port}/{cert_role}: the server asks for a "
+        "client certificate: set sslcert and sslkey (or DB_SSLCERT and DB_SSLKEY)"
+    )
+
+
+async def test_a_certificate_for_another_role_is_refused(
+    tls: TLSServer, cert_role: str, driver: Driver, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = as_role(tls, driver, "other", sslcert=str(tls.client_cert), sslkey=str(tls.client_key))
+    message = await refused(url, caplog)
+    assert message == (
+        f"cannot connect to localhost:{tls.server.port}/other: the client certificate is not "
+        "for user 'other' (cert authentication needs its CN to be the user's name)"
+    )
+
+
+async def test_the_reference_app_over_verified_tls(tls: TLSServer, driver: Driver) -> None:
+    """The reference app on its own migrated database, over `verify-full` with the CA: requests
+    that read and write it succeed, and every connection its pool holds is encrypted."""
+    database = f"reference_{driver}"
+    admin = connect(make_url(tls.url("psycopg")))
+    try:
+        admin.execute(f"CREATE DATABASE {database}")
+        url = make_url(tls.url(driver, database=database))
+        engine = sync_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool)
+        with engine.connect() as conn:  # Alembic manages the transactions
+            upgrade(conn)
+        engine.dispose()
+        settings = settings_for(url, db_sslmode="verify-full", db_sslrootcert=str(tls.ca_file))
+        async for client in client_for(create_app(settings)):
+            ready = await client.get("/ready")
+            assert (ready.status_code, ready.json()["status"]) == (200, "ready")
+            ada = await new_user(client)
+            created = await client.post("/tasks", json={"user_id": ada["id"], "title": "TLS"})
+            assert created.status_code == 201, created.text
+            listed = (await client.get("/tasks")).json()
+            assert [task["title"] for task in listed["items"]] == ["TLS"]
+            row = admin.execute(
+                "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a "
+                "USING (pid) WHERE a.datname = %s",
+                (database,),
+            ).fetchone()
+            assert row is not None
+            assert row[0] >= 1
+            assert row[1] is True
+    finally:
+        admin.close()

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import uuid4
 
-from sqlalchemy import URL, event, text
+from sqlalchemy import URL, event, make_url, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -101,12 +101,16 @@ def _system_ca_context(tls: dict[str, str]) -> ssl.SSLContext:
 
 def check_tls_files(settings: Settings) -> None:
     """A certificate or key file that is not there is a setting to fix, said when the engine is
-    made and in one line (asyncpg would say only "No such file or directory", without the name,
-    at every connect). `system` is libpq's name for the system's CA store."""
+    made and in one line naming it (asyncpg would say only "No such file or directory", without
+    the name, at every connect). `system` is libpq's name for the system's CA store."""
+    tls = settings.tls
+    url = settings.database_url
+    in_url = make_url(url.get_secret_value().strip()).query if url is not None else {}
     for name in ("sslrootcert", "sslcert", "sslkey"):
-        path = settings.tls.get(name)
+        path = tls.get(name)
         if path is not None and path != "system" and not Path(path).is_file():
-            raise SettingsError(f"{name}: no such file {path!r}")
+            setting = f"DATABASE_URL's {name}" if name in in_url else f"DB_{name.upper()}"
+            raise SettingsError(f"{setting}: no such file {path!r}")
 
 
 def _unique_statement_name() -> str:
@@ -234,13 +238,31 @@ def _tls_cause(url: URL, message: str) -> str | None:
         return "the server's certificate is not signed by the CA in sslrootcert"
     missing = re.search(r'root certificate file "([^"]*)" does not exist', message)
     if missing:
+        path = _home_as_tilde(missing.group(1))
         return (
-            f'root certificate file "{missing.group(1)}" does not exist: set sslrootcert '
+            f'root certificate file "{path}" does not exist: set sslrootcert '
             "(or DB_SSLROOTCERT) to the CA's certificate"
+        )
+    if "requires a valid client certificate" in lowered:
+        return (
+            "the server asks for a client certificate: set sslcert and sslkey "
+            "(or DB_SSLCERT and DB_SSLKEY)"
+        )
+    if "certificate authentication failed" in lowered:
+        return (
+            f"the client certificate is not for user {url.username!r} (cert authentication "
+            "needs its CN to be the user's name)"
         )
     if "rejected ssl upgrade" in lowered or "server does not support ssl" in lowered:
         return "the server does not offer TLS, and sslmode requires it"
     return None
+
+
+def _home_as_tilde(path: str) -> str:
+    """libpq's default CA file, `~/.postgresql/root.crt`, as its documentation writes it: the
+    same line on every machine."""
+    home = str(Path.home())
+    return "~" + path[len(home) :] if path.startswith(home + "/") else path
 
 
 def _first_line(message: str, url: URL) -> str:
