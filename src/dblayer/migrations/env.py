@@ -41,7 +41,9 @@ def _configure(**options: object) -> None:
 
 
 def run_migrations_offline() -> None:
-    _configure(url=get_settings().migration_url, literal_binds=True, dialect_opts={"paramstyle": "named"})
+    _configure(
+        url=get_settings().migration_url, literal_binds=True, dialect_opts={"paramstyle": "named"}
+    )
     with context.begin_transaction():
         context.run_migrations()
 
