@@ -128,9 +128,9 @@ async def test_running_it_again_sets_the_passwords_and_changes_nothing_else(
         app_password="new app password",
     )
     assert lines[:3] == [
-        f"{name}_migrator: password set",
-        f"{name}_app: password set",
-        f"{name}_migrator: owns the objects of schema public (0 given to it now)",
+        "migrator: existed, password set",
+        "app: existed, password set",
+        "migrator: owns the tables and types of schema public (0 given to it now)",
     ]
     with connect(database_url.set(drivername="postgresql")) as admin:
         rows = admin.execute(
@@ -164,7 +164,12 @@ def test_the_command_line_names_the_roles_after_the_database(
     assert roles.main([]) == 0
     out, err = capsys.readouterr()
     name = database_url.database
-    assert out.splitlines()[:2] == [f"{name}_migrator: created", f"{name}_app: created"]
+    assert out.splitlines()[:2] == ["migrator: created", "app: created"]
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        found = admin.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s ORDER BY 1", (f"{name}\\_%",)
+        ).fetchall()
+    assert found == [(f"{name}_app",), (f"{name}_migrator",)]
     assert MIGRATOR_PASSWORD not in out + err
     assert APP_PASSWORD not in out + err
     # The app role is no administrator: it may not make roles.

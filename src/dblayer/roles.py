@@ -83,11 +83,11 @@ async def create_roles(
     schema: str = "public",
 ) -> list[str]:
     """Create (or update) both roles on the database `settings` name, as its administrator, in
-    one transaction; returns one line per step, without passwords."""
+    one transaction; returns what it did, one line per step, without passwords."""
     async with await _connect(settings) as conn, conn.transaction():
         lines = [
-            await _login_role(conn, migrator, migrator_password),
-            await _login_role(conn, app, app_password),
+            f"migrator: {await _login_role(conn, migrator, migrator_password)}",
+            f"app: {await _login_role(conn, app, app_password)}",
         ]
         names = {
             "database": sql.Identifier(settings.url.database or ""),
@@ -109,8 +109,8 @@ async def create_roles(
             await conn.execute(sql.SQL(statement).format(**names))
     return [
         *lines,
-        f"{migrator}: owns the objects of schema {schema} ({len(adopted)} given to it now)",
-        f"{app}: SELECT, INSERT, UPDATE, DELETE on its tables, and on the migrator's later ones",
+        f"migrator: owns the tables and types of schema {schema} ({len(adopted)} given to it now)",
+        "app: SELECT, INSERT, UPDATE, DELETE on them, and on the tables the migrator makes later",
     ]
 
 
@@ -124,7 +124,7 @@ async def _login_role(conn: psycopg.AsyncConnection[Any], role: str, password: s
             sql.SQL(verb), sql.Identifier(role), sql.Literal(hashed.decode())
         )
     )
-    return f"{role}: {'password set' if verb == 'ALTER' else 'created'}"
+    return "existed, password set" if verb == "ALTER" else "created"
     # --8<-- [end:create_roles]
 
 
