@@ -196,3 +196,81 @@ def test_the_command_line_bad_input_is_one_line(
     assert err.count("\n") == 1
     assert "hunter2" not in err
     assert get_settings().migration_database_url is None
+
+
+def _as_a_non_superuser_owner(database_url: URL, *, public_as_on_pg14: bool) -> URL:
+    """The database handed over to a role that owns it without being a superuser (a cloud
+    provider's admin user); with `public_as_on_pg14`, schema public as PostgreSQL 14 left it:
+    owned by the bootstrap superuser, CREATE granted to PUBLIC."""
+    owner = f"{database_url.database}_owner"
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if superuser.fetchone() != (True,):
+            pytest.skip("needs a superuser to hand the database over")
+        admin.execute(f"CREATE ROLE \"{owner}\" LOGIN CREATEROLE PASSWORD 'owner'")
+        admin.execute(f'ALTER DATABASE "{database_url.database}" OWNER TO "{owner}"')
+        for table in ("users", "tasks", "alembic_version"):
+            admin.execute(f'ALTER TABLE {table} OWNER TO "{owner}"')
+        for enum in ("user_role", "task_status"):
+            admin.execute(f'ALTER TYPE {enum} OWNER TO "{owner}"')
+        if public_as_on_pg14:
+            admin.execute("ALTER SCHEMA public OWNER TO CURRENT_USER")
+            admin.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        else:
+            admin.execute("ALTER SCHEMA public OWNER TO pg_database_owner")
+    return database_url.set(username=owner, password="owner")
+
+
+async def test_the_database_s_owner_need_not_be_a_superuser(
+    database_url: URL,
+) -> None:
+    owner_url = _as_a_non_superuser_owner(database_url, public_as_on_pg14=False)
+    migrator_url, app_url = await make_roles(owner_url)
+    migrator = create_engine(settings_for(migrator_url))
+    app = create_engine(settings_for(app_url))
+    try:
+        await downgrade_to(migrator, "0002")
+        await upgrade_to_head(migrator)
+        async with app.connect() as conn:
+            for statement in ("DROP TABLE tasks", "CREATE TABLE mine (id int)"):
+                with pytest.raises(DBAPIError) as caught:
+                    await conn.execute(text(statement))
+                assert _sqlstate(caught.value) == "42501"
+                await conn.rollback()
+    finally:
+        await migrator.dispose()
+        await app.dispose()
+
+
+async def test_a_public_schema_it_cannot_revoke_create_on_is_refused(
+    database_url: URL,
+) -> None:
+    """PostgreSQL 14 and older grant CREATE on public to every role, and only the schema's
+    owner (there, the bootstrap superuser) can revoke it: the roles are not made at all."""
+    owner_url = _as_a_non_superuser_owner(database_url, public_as_on_pg14=True)
+    with pytest.raises(roles.RolesError) as caught:
+        await make_roles(owner_url)
+    assert str(caught.value) == (
+        "the app role could still create tables in schema public: PUBLIC has CREATE there "
+        "(PostgreSQL 14 and older grant it) and only the schema's owner or a superuser may "
+        "revoke it; run this as one of them"
+    )
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        found = admin.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname IN (%s, %s)",
+            (f"{owner_url.database}_migrator", f"{owner_url.database}_app"),
+        ).fetchone()
+    assert found == (0,)  # one transaction: nothing half-made
+
+
+def test_the_command_line_says_it_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    owner_url = _as_a_non_superuser_owner(database_url, public_as_on_pg14=True)
+    monkeypatch.setenv("DATABASE_URL", owner_url.render_as_string(hide_password=False))
+    monkeypatch.setenv("MIGRATOR_PASSWORD", "m")
+    monkeypatch.setenv("APP_PASSWORD", "a")
+    assert roles.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("roles: the app role could still create tables in schema public:")
+    assert err.count("\n") == 1

@@ -27,14 +27,22 @@ from psycopg import sql
 from dblayer.engine import describe_failure
 from dblayer.settings import Settings, SettingsError, get_settings
 
+
+class RolesError(RuntimeError):
+    """The roles cannot be made as asked; one line. Nothing was changed (one transaction)."""
+
+
 # --8<-- [start:grants]
-# What the app may do with the schema's objects: rows in, rows out, nothing more.
-APP_GRANTS = [
+# Who may create in the schema: the migrator, and nobody else.
+SCHEMA_GRANTS = [
     "GRANT CONNECT ON DATABASE {database} TO {migrator}, {app}",
     "GRANT USAGE, CREATE ON SCHEMA {schema} TO {migrator}",
     "GRANT USAGE ON SCHEMA {schema} TO {app}",
     # Granted to every role up to PostgreSQL 14 (15 stopped); a no-op where it is not granted.
     "REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC",
+]
+# What the app may do with the schema's tables: rows in, rows out, nothing more.
+TABLE_GRANTS = [
     "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {app}",
     "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {app}",
 ]
@@ -97,6 +105,9 @@ async def create_roles(
         }
         # ALTER … OWNER TO and ALTER DEFAULT PRIVILEGES FOR ROLE need us to be a member of it.
         await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(names["migrator"]))
+        for statement in SCHEMA_GRANTS:  # before OWNER TO: an owner needs CREATE on the schema
+            await conn.execute(sql.SQL(statement).format(**names))
+        await _check_schema(conn, app, schema)
         cursor = await conn.execute(OBJECTS_TO_ADOPT, {"schema": schema, "migrator": migrator})
         adopted = await cursor.fetchall()
         for kind, name in adopted:
@@ -105,13 +116,24 @@ async def create_roles(
                     sql.SQL(kind), names["schema"], sql.Identifier(name), names["migrator"]
                 )
             )
-        for statement in APP_GRANTS + DEFAULT_PRIVILEGES:
+        for statement in TABLE_GRANTS + DEFAULT_PRIVILEGES:
             await conn.execute(sql.SQL(statement).format(**names))
     return [
         *lines,
         f"migrator: owns the tables and types of schema {schema} ({len(adopted)} given to it now)",
         "app: SELECT, INSERT, UPDATE, DELETE on them, and on the tables the migrator makes later",
     ]
+
+
+async def _check_schema(conn: psycopg.AsyncConnection[Any], app: str, schema: str) -> None:
+    """REVOKE by someone who may not revoke is only a warning: check that it took."""
+    cursor = await conn.execute("SELECT has_schema_privilege(%s, %s, 'CREATE')", (app, schema))
+    if await cursor.fetchone() == (True,):
+        raise RolesError(
+            f"the app role could still create tables in schema {schema}: PUBLIC has CREATE there "
+            "(PostgreSQL 14 and older grant it) and only the schema's owner or a superuser may "
+            "revoke it; run this as one of them"
+        )
 
 
 async def _login_role(conn: psycopg.AsyncConnection[Any], role: str, password: str) -> str:
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 schema=args.schema,
             )
         )
-    except SettingsError as error:
+    except (SettingsError, RolesError) as error:
         print(f"roles: {error}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as error:  # not connected: where, and why
