@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from fastapi import Depends
-from sqlalchemy import URL
+from sqlalchemy import URL, make_url
 
 from dblayer.api import __main__ as serve
 from dblayer.api import create_app
 from dblayer.embedded import find_binaries
 from dblayer.migrate import head_revision
 from dblayer.settings import get_settings
+from dblayer.testing import connect
 from tests.apps import free_port
 from tests.databases import Databases
 
@@ -135,13 +137,32 @@ def test_the_app_starts_an_embedded_database_when_none_is_configured(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()
-    checker = serve_until(port, lambda base: None)
+    checker = serve_until(port, served_as_the_app_role)
     assert serve.main(["--port", str(port)]) == 0
     checker.join()
+    assert not checker.failures, checker.failures  # type: ignore[attr-defined]
     assert "DATABASE_URL" not in os.environ
+    assert "MIGRATION_DATABASE_URL" not in os.environ
     out = capsys.readouterr().out
     assert out.startswith(f"database: embedded PostgreSQL {find_binaries().version},")
+    assert "roles: migrations as dblayer_migrator, the app as dblayer_app (rows only)\n" in out
     assert f"migrations: at head ({head_revision()})" in out
+
+
+def served_as_the_app_role(base: str) -> None:
+    """The app answers, logged in as the app role, which may not drop a table (the migrator
+    owns them: pre-start migrated as it)."""
+    status, page = call(base, "GET", "/tasks?limit=100")
+    assert (status, len(page["items"])) == (200, 3)
+    url = make_url(os.environ["DATABASE_URL"]).set(drivername="postgresql")
+    with connect(url) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("dblayer_app",)
+        owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'tasks'")
+        assert owner.fetchone() == ("dblayer_migrator",)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must be owner of table"):
+            conn.execute("DROP TABLE tasks")
+    migrator = make_url(os.environ["MIGRATION_DATABASE_URL"])
+    assert migrator.username == "dblayer_migrator"
 
 
 def test_bad_settings_are_one_line(

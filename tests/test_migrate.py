@@ -102,6 +102,24 @@ def test_the_command_line_path_runs_on_its_own_event_loop(
     command.check(ini)  # raises when the models and the database differ
 
 
+def test_the_command_line_path_migrates_on_the_migration_url(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With MIGRATION_DATABASE_URL set, `alembic` connects there, not to DATABASE_URL (here one
+    that nothing answers on); offline SQL needs neither to answer."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:1/app")
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", database_url.render_as_string(hide_password=False))
+    ini = Config(str(ROOT / "alembic.ini"))
+    command.downgrade(ini, "base")
+    command.upgrade(ini, "head")
+    command.upgrade(ini, "head", sql=True)
+    assert "CREATE TABLE users (" in capsys.readouterr().out
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", "postgresql://migrator:hunter2@127.0.0.1:1/app")
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    with pytest.raises(CommandError, match=r"cannot connect to 127\.0\.0\.1:1/app"):
+        command.upgrade(ini, "head")
+
+
 def test_an_unreachable_database_is_one_line_naming_host_and_port(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

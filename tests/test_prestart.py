@@ -45,6 +45,23 @@ def test_prestart_migrates_and_seeds_once(
         databases.drop(name)
 
 
+def test_prestart_migrates_on_the_migration_url(
+    monkeypatch: pytest.MonkeyPatch, databases: Databases, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MIGRATION_DATABASE_URL set: pre-start waits, migrates and seeds there; the app's URL (here
+    one that nothing answers on) is not used."""
+    name = databases.clone(empty=True)
+    try:
+        url = databases.url(name, "asyncpg").render_as_string(hide_password=False)
+        monkeypatch.setenv("MIGRATION_DATABASE_URL", url)
+        monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:1/app")
+        assert prestart.main(["--timeout", "5"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1:] == [f"migrations: at head ({head_revision()})", "seed: created (3 tasks)"]
+    finally:
+        databases.drop(name)
+
+
 @pytest.mark.usefixtures("password_auth")
 def test_wrong_password_fails_at_once_without_retrying(
     monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]

@@ -213,3 +213,69 @@ def test_no_tls_settings_leave_the_drivers_default() -> None:
     assert get_settings().tls == {}
     url = get_settings(database_url="postgresql://app@/app?host=/run/postgresql").url
     assert url.query == {"host": "/run/postgresql"}
+
+
+def test_the_migration_url_defaults_to_the_apps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://shop_app:hunter2@db/shop")
+    settings = get_settings()
+    assert settings.migration_database_url is None
+    assert settings.migration_url == settings.url
+    assert settings.for_migrations() is settings
+
+
+def test_migration_database_url_is_used_for_migrations_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://shop_app:hunter2@db/shop")
+    monkeypatch.setenv(
+        "MIGRATION_DATABASE_URL", "postgres://shop_migrator:s3cret@db/shop?sslmode=require"
+    )
+    monkeypatch.setenv("DATABASE_DRIVER", "psycopg")
+    settings = get_settings()
+    assert str(settings.url) == "postgresql+psycopg://shop_app:***@db/shop"
+    assert str(settings.migration_url) == "postgresql+psycopg://shop_migrator:***@db/shop"
+    assert settings.migration_url.password == "s3cret"
+    migrating = settings.for_migrations()
+    assert migrating.url == settings.migration_url
+    assert migrating.tls == {"sslmode": "require"}  # the migration URL's own TLS parameters
+    assert settings.tls == {}
+    assert migrating.db_pool_size == settings.db_pool_size  # everything else as the app's
+
+
+def test_migration_database_url_from_the_parts_and_an_empty_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", "")
+    assert get_settings().migration_database_url is None
+    settings = get_settings(migration_database_url="postgresql://migrator:hunter2@db/app")
+    assert settings.url.username == "postgres"  # the app: POSTGRES_* parts
+    assert settings.migration_url.username == "migrator"
+
+
+def test_the_migration_password_is_hidden_everywhere() -> None:
+    settings = get_settings(migration_database_url="postgresql://migrator:hunter2@db/app")
+    for text in (
+        repr(settings),
+        str(settings),
+        str(settings.migration_url),
+        repr(settings.migration_url),
+        repr(settings.for_migrations()),
+    ):
+        assert "hunter2" not in text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("mysql://u:hunter2@h/db", "MIGRATION_DATABASE_URL: unsupported 'mysql'"),
+        ("postgresql://u:hunter2@@h/db", "MIGRATION_DATABASE_URL: unescaped '@' in the password"),
+        ("postgresql://u:hunter2@h", "MIGRATION_DATABASE_URL: no database name"),
+        ("postgresql://u:hunter2@h/db?ssl=1", "MIGRATION_DATABASE_URL: unknown parameter 'ssl'"),
+    ],
+)
+def test_a_bad_migration_url_is_one_line_without_the_password(value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        get_settings(migration_database_url=value)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "hunter2" not in str(caught.value)

@@ -152,6 +152,41 @@ def test_database_url_is_a_fresh_clone_dropped_after_the_test(
     assert leftover_databases(server, prefix) == []
 
 
+def test_roles_named_after_a_test_s_database_are_dropped_with_the_run(
+    driven: pytest.Pytester, server: Server, prefix: str
+) -> None:
+    """A project's test of its least-privilege roles (dblayer.roles): they outlive the
+    database, so the run drops those named after its databases when it ends."""
+    driven.makepyfile(
+        test_roles=textwrap.dedent(
+            """\
+            from dblayer.roles import create_roles
+            from dblayer.settings import get_settings
+
+
+            async def test_the_roles(database_url):
+                name = database_url.database
+                lines = await create_roles(
+                    get_settings(database_url=database_url.render_as_string(hide_password=False)),
+                    migrator=f"{name}_migrator",
+                    app=f"{name}_app",
+                    migrator_password="m",
+                    app_password="a",
+                )
+                assert lines[:2] == ["migrator: created", "app: created"]
+            """
+        )
+    )
+    result = driven.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert leftover_databases(server, prefix) == []
+    with connect(server.admin_url) as conn:
+        left = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)", (prefix,)
+        ).fetchall()
+    assert left == []
+
+
 def test_a_request_s_commit_is_seen_by_the_test_and_gone_in_the_next(
     driven: pytest.Pytester,
 ) -> None:

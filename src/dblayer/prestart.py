@@ -89,8 +89,9 @@ async def seed(session: AsyncSession) -> bool:
 
 # --8<-- [start:prestart]
 async def prestart(max_wait: float = 60.0) -> list[str]:
-    """Wait, migrate, seed; returns one line per step for the log."""
-    engine = create_engine(get_settings())
+    """Wait, migrate, seed; returns one line per step for the log. All three as the migrations'
+    role (`MIGRATION_DATABASE_URL`; unset, the app's URL): the app's may not change the schema."""
+    engine = create_engine(get_settings().for_migrations())
     try:
         version = await wait_for_database(engine, max_wait)
         revision = await current_revision(engine)

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     )
 
     database_url: SecretStr | None = None  # DATABASE_URL wins over the POSTGRES_* parts
+    # The migrations' own login (a role that owns the schema), for prestart and alembic only; the
+    # app's role then needs no more than reading and writing rows. Unset: the app's URL.
+    migration_database_url: SecretStr | None = None
     database_driver: Driver = "asyncpg"  # DATABASE_DRIVER, used when the URL names none
 
     postgres_host: str = "localhost"
@@ -114,7 +117,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "migration_database_url")
     @classmethod
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and value.get_secret_value().strip():
@@ -160,6 +163,20 @@ class Settings(BaseSettings):
             given |= {name: query[name] for name in TLS_PARAMETERS if name in query}
         return {name: str(value) for name, value in given.items() if value is not None}
         # --8<-- [end:tls_property]
+
+    # --8<-- [start:migration_url]
+    def for_migrations(self) -> Settings:
+        """These settings with the migrations' URL as the database URL (TLS from its own query):
+        what prestart and alembic build their engine from. Unset: these settings, as they are."""
+        if self.migration_database_url is None:
+            return self
+        return self.model_copy(update={"database_url": self.migration_database_url})
+
+    @property
+    def migration_url(self) -> URL:
+        """The URL migrations run on (`MIGRATION_DATABASE_URL`, else the app's), password hidden."""
+        return self.for_migrations().url
+        # --8<-- [end:migration_url]
 
     @property
     def driver(self) -> Driver:

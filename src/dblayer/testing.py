@@ -15,7 +15,9 @@ another loop ("attached to a different loop"); with `asyncio_default_fixture_loo
 `asyncio_default_test_loop_scope` both `session`, one engine serves the run and its connections
 are reused (a plugin check refuses the first without the second).
 
-- `database_url`: a fresh clone for this test alone, dropped after it. For code that opens its own
+- `database_url`: a fresh clone for this test alone, dropped after it (roles a test makes are
+  the server's, not the database's: name them after the database, `<database>_app`, and the run
+  drops them with its databases at the end). For code that opens its own
   connections, or what a transaction cannot isolate (CONCURRENTLY, LISTEN/NOTIFY, advisory locks,
   two connections that must see each other's commits).
 - `engine`: an engine on this worker's database (one clone per worker, kept for the run).
@@ -185,6 +187,13 @@ class _Run:
                 ).fetchall()
                 for (name,) in rows:
                     self.drop(str(name))
+                # Roles belong to the server and outlive databases: those a test named after its
+                # database (as it must, tests running at once on one server) go with them.
+                roles = self.admin.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (pattern,)
+                ).fetchall()
+                for (role,) in roles:
+                    self.admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(str(role))))
         finally:
             if self._admin is not None:
                 self._admin.close()

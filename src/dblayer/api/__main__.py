@@ -1,14 +1,17 @@
 """`python -m dblayer.api` (`make app`): pre-start, then serve the reference app with uvicorn.
 
 The database is the one the settings name (`DATABASE_URL`, `POSTGRES_*`, `.env`); when they name
-none, an embedded PostgreSQL is started for the app's lifetime and removed when it stops.
+none, an embedded PostgreSQL is started for the app's lifetime and removed when it stops, with the
+two roles of production: pre-start migrates as the migrator, the app is served as the app role.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 
@@ -16,7 +19,10 @@ import uvicorn
 
 from dblayer import prestart
 from dblayer.embedded import EmbeddedPostgres, find_binaries
+from dblayer.roles import create_roles
 from dblayer.settings import SettingsError, get_settings
+
+MIGRATOR, APP = "dblayer_migrator", "dblayer_app"  # the embedded server's roles
 
 
 @contextlib.contextmanager
@@ -27,12 +33,29 @@ def database() -> Iterator[str]:
         yield f"configured: {settings.url}"  # str(URL) masks the password
         return
     with EmbeddedPostgres(find_binaries()) as server:
-        url = server.url("postgres", settings.database_driver)
-        os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
+        # As in production: pre-start migrates as the migrator, the app reads and writes rows as
+        # the app role (see docs/production-roles.md); throwaway passwords, like the server.
+        admin = server.url("postgres", settings.database_driver)
+        passwords = {role: secrets.token_urlsafe(24) for role in (MIGRATOR, APP)}
+        asyncio.run(
+            create_roles(
+                get_settings(database_url=admin.render_as_string(hide_password=False)),
+                migrator=MIGRATOR,
+                app=APP,
+                migrator_password=passwords[MIGRATOR],
+                app_password=passwords[APP],
+            )
+        )
+        for variable, role in (("MIGRATION_DATABASE_URL", MIGRATOR), ("DATABASE_URL", APP)):
+            url = admin.set(username=role, password=passwords[role])
+            os.environ[variable] = url.render_as_string(hide_password=False)
         try:
-            yield f"embedded PostgreSQL {server.binaries.version}, removed when the app stops"
+            yield (
+                f"embedded PostgreSQL {server.binaries.version}, removed when the app stops\n"
+                f"roles: migrations as {MIGRATOR}, the app as {APP} (rows only)"
+            )
         finally:
-            del os.environ["DATABASE_URL"]
+            del os.environ["DATABASE_URL"], os.environ["MIGRATION_DATABASE_URL"]
 
 
 def main(argv: list[str] | None = None) -> int:

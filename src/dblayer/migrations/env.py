@@ -1,7 +1,8 @@
 """How Alembic reaches the database: the project's settings, async, or a connection handed in.
 
-* `alembic upgrade head` from a shell: the URL comes from the settings (DATABASE_URL or
-  POSTGRES_*), never from alembic.ini, and the migrations run on an async engine.
+* `alembic upgrade head` from a shell: the URL comes from the settings (MIGRATION_DATABASE_URL,
+  else DATABASE_URL or POSTGRES_*), never from alembic.ini, and the migrations run on an async
+  engine.
 * From running code (app start-up, tests, tools): `config.attributes["connection"]` may hold a
   `Connection` (see `dblayer.migrate`), an `Engine`, an `AsyncEngine` or an `AsyncConnection`.
 * `alembic upgrade head --sql`: offline mode, SQL printed instead of executed.
@@ -40,7 +41,9 @@ def _configure(**options: object) -> None:
 
 
 def run_migrations_offline() -> None:
-    _configure(url=get_settings().url, literal_binds=True, dialect_opts={"paramstyle": "named"})
+    _configure(
+        url=get_settings().migration_url, literal_binds=True, dialect_opts={"paramstyle": "named"}
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -108,8 +111,8 @@ if context.is_offline_mode():
     run_migrations_offline()
 elif (handed := config.attributes.get("connection")) is not None:
     run_handed_in(handed)
-else:
-    settings = get_settings()
+else:  # MIGRATION_DATABASE_URL (a role that owns the schema), else the app's DATABASE_URL
+    settings = get_settings().for_migrations()
     engine = create_async_engine(
         settings.url, poolclass=pool.NullPool, connect_args=connect_args(settings)
     )
