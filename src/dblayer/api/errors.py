@@ -71,6 +71,7 @@ def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
 _REASONS = {
     "57014": "a statement ran past DB_STATEMENT_TIMEOUT and the server cancelled it",
     "55P03": "a lock was not free in time (DB_LOCK_TIMEOUT, or NOWAIT) and the server cancelled",
+    "25P03": "a transaction sat idle past DB_IDLE_IN_TRANSACTION_TIMEOUT; the server ended it",
     "40001": "a serialization failure (40001) rolled the transaction back",
     "40P01": "a deadlock (40P01) rolled the transaction back",
 }
