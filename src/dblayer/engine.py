@@ -40,11 +40,19 @@ class DatabaseUnavailableError(RuntimeError):
 def connect_args(settings: Settings) -> dict[str, Any]:
     """Driver-specific connection arguments: the two drivers spell the same options differently."""
     tls = settings.tls  # libpq's sslmode, sslrootcert, sslcert, sslkey: those that are set
+    # --8<-- [start:server_settings]
     # Server settings for every connection, enforced by the server itself (the driver's own
     # timeouts only stop waiting; the query would go on running).
     server = {}
-    if settings.db_statement_timeout is not None:
-        server["statement_timeout"] = f"{max(1, round(settings.db_statement_timeout * 1000))}"
+    for name, seconds in (
+        ("statement_timeout", settings.db_statement_timeout),
+        ("idle_in_transaction_session_timeout", settings.db_idle_in_transaction_timeout),
+        ("lock_timeout", settings.db_lock_timeout),
+    ):
+        if seconds is not None:  # milliseconds, the unit PostgreSQL reads a bare number in
+            server[name] = f"{max(1, round(seconds * 1000))}"
+    # asyncpg: connect_args["server_settings"] = server; psycopg: "-c name=value" in "options"
+    # --8<-- [end:server_settings]
     if settings.driver == "psycopg":
         # libpq counts whole seconds and treats anything below 2 as 2.
         args: dict[str, Any] = {"connect_timeout": max(2, round(settings.db_connect_timeout))}

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     # Seconds a statement may run before the server cancels it (SQLSTATE 57014; the API answers
     # 503). Unset: the server's own statement_timeout.
     db_statement_timeout: Annotated[float, Field(gt=0)] | None = None
+    # Seconds a transaction may sit idle before the server ends its session (SQLSTATE 25P03): a
+    # transaction left open by mistake stops holding locks. Unset: the server's own setting.
+    db_idle_in_transaction_timeout: Annotated[float, Field(gt=0)] | None = None
+    # Seconds a statement may wait for a lock (behind a migration's DDL) before the server
+    # cancels it (SQLSTATE 55P03; the API answers 503). Unset: the server's own lock_timeout.
+    db_lock_timeout: Annotated[float, Field(gt=0)] | None = None
     # TLS in libpq's words; DATABASE_URL's own ?sslmode=... wins, as over PGSSLMODE in libpq.
     db_sslmode: SSLMode | None = None  # unset: the drivers' default, prefer
     db_sslrootcert: str | None = None  # the CA file that verify-ca and verify-full check against

@@ -65,14 +65,27 @@ def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+# --8<-- [start:reasons]
+# What the server cancelled or rolled back, though the request was fine: worth trying again
+# (503 with Retry-After), logged with the reason.
+_REASONS = {
+    "57014": "a statement ran past DB_STATEMENT_TIMEOUT and the server cancelled it",
+    "55P03": "a lock was not free in time (DB_LOCK_TIMEOUT, or NOWAIT) and the server cancelled",
+    "25P03": "a transaction sat idle past DB_IDLE_IN_TRANSACTION_TIMEOUT; the server ended it",
+    "40001": "a serialization failure (40001) rolled the transaction back",
+    "40P01": "a deadlock (40P01) rolled the transaction back",
+}
+# --8<-- [end:reasons]
+
+
 async def _unavailable(request: Request, error: Exception) -> JSONResponse:
     """503 with Retry-After: the request was fine, the database was not there for it."""
     if isinstance(error, exc.TimeoutError):
         reason = "no database connection free in time"
     elif isinstance(error, DatabaseUnavailableError):
         reason = str(error)
-    elif getattr(getattr(error, "orig", None), "sqlstate", None) == "57014":
-        reason = "a statement ran past DB_STATEMENT_TIMEOUT and the server cancelled it"
+    elif (code := getattr(getattr(error, "orig", None), "sqlstate", None)) in _REASONS:
+        reason = _REASONS[code]
     else:
         reason = describe_failure(request.app.state.engine.url, error)
     logger.warning("503 for %s %s: %s", request.method, request.url.path, reason)
@@ -105,8 +118,9 @@ async def _database_error(request: Request, error: Exception) -> JSONResponse:
     sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
     # Failing to connect is classified on connect (DatabaseUnavailableError); here, a connection
     # lost mid-request (SQLAlchemy noticed) or ended by the server (08, 57P: shutdown, terminate),
-    # or a statement the server cancelled for running too long (57014, DB_STATEMENT_TIMEOUT).
-    if error.connection_invalidated or sqlstate.startswith(("08", "57P")) or sqlstate == "57014":
+    # or what the server cancelled or rolled back though the request was fine (_REASONS: a
+    # timeout, a lock timeout, a conflict with a concurrent transaction left after the retries).
+    if error.connection_invalidated or sqlstate.startswith(("08", "57P")) or sqlstate in _REASONS:
         return await _unavailable(request, error)
     if sqlstate.startswith("23"):  # integrity: unique, foreign key, check, not null
         detail = "conflicts with existing data"
