@@ -13,13 +13,15 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
 from dblayer.engine import (
+    _failure,
     check_connection,
     connect_args,
     create_engine,
     describe_failure,
 )
 from dblayer.settings import Driver, SettingsError, get_settings
-from tests.unavailable import unavailable
+from dblayer.testing import connect
+from tests.unavailable import unavailable, unavailable_error
 
 
 def test_connect_args_per_driver() -> None:
@@ -154,6 +156,53 @@ async def test_unreachable_fails_fast_naming_the_host(
     assert message.endswith("timed out; is the host reachable and the port open?")
 
 
+async def refused_for_good(url: URL, caplog: pytest.LogCaptureFixture, **values: object) -> str:
+    """The one-line error, not worth retrying: pre-start must fail at once, not wait it out."""
+    error = await unavailable_error(url, caplog, **values)
+    assert error.transient is False
+    return str(error)
+
+
+async def test_a_role_that_may_not_log_in_is_refused_for_good(
+    database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLSTATE 28000 under asyncpg, only the text under psycopg: the same line either way."""
+    role = f"{database_url.database}_nologin"
+    with connect(database_url) as admin:
+        admin.execute(f"CREATE ROLE \"{role}\" NOLOGIN PASSWORD 'pw'")
+    message = await refused_for_good(database_url.set(username=role, password="pw"), caplog)
+    assert message == (
+        f"cannot connect to 127.0.0.1:{database_url.port}/{database_url.database}: "
+        f"role '{role}' is not permitted to log in (NOLOGIN)"
+    )
+
+
+async def test_a_role_without_connect_on_the_database_is_refused_for_good(
+    database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLSTATE 42501: the database's CONNECT privilege revoked from PUBLIC, not granted back."""
+    role = f"{database_url.database}_outsider"
+    with connect(database_url) as admin:
+        admin.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'")
+        admin.execute(f'REVOKE CONNECT ON DATABASE "{database_url.database}" FROM PUBLIC')
+    message = await refused_for_good(database_url.set(username=role, password="pw"), caplog)
+    assert message == (
+        f"cannot connect to 127.0.0.1:{database_url.port}/{database_url.database}: "
+        f"role '{role}' has no CONNECT privilege on database '{database_url.database}'"
+    )
+
+
+async def test_a_server_setting_out_of_range_is_refused_for_good(
+    database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLSTATE 22023: a timeout the server cannot hold. Not "timed out", though it says timeout."""
+    message = await refused_for_good(database_url, caplog, db_statement_timeout=10**9)
+    assert message == (
+        f"cannot connect to 127.0.0.1:{database_url.port}/{database_url.database}: "
+        'the server refused the value "1000000000000" for statement_timeout'
+    )
+
+
 def test_repr_of_engine_hides_the_password() -> None:
     engine = create_engine(get_settings(postgres_password="hunter2"))
     assert "hunter2" not in repr(engine.sync_engine)
@@ -189,6 +238,47 @@ def test_other_causes_are_summarised_on_one_line(error: Exception, cause: str) -
     )
 
 
+class ServerError(Exception):
+    """Stands in for asyncpg's error as SQLAlchemy passes it on: with the server's SQLSTATE."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "cause", "transient"),
+    [
+        (  # psycopg's text (libpq gives no SQLSTATE for a failed connect), asyncpg's the same
+            DriverError(
+                'connection to server at "10.0.0.5", port 5432 failed: FATAL:  no pg_hba.conf '
+                'entry for host "10.0.0.7", user "app", database "shop", no encryption'
+            ),
+            'no pg_hba.conf entry for host "10.0.0.7", user "app", database "shop", no encryption',
+            False,
+        ),
+        (  # any other refusal of class 28: permanent, said as the server says it
+            ServerError("a refusal no release of PostgreSQL words like this", "28000"),
+            "a refusal no release of PostgreSQL words like this",
+            False,
+        ),
+        (  # a server error naming a timeout is not one: 57014 is the server cancelling
+            ServerError("canceling statement due to statement timeout", "57014"),
+            "canceling statement due to statement timeout",
+            True,
+        ),
+    ],
+)
+def test_the_sqlstate_decides_before_the_text(
+    error: Exception, cause: str, transient: bool
+) -> None:
+    """What `check_connection` and every connect raise: message and `transient` together."""
+    assert _failure(URL_WITH_SECRET, DBAPIError("connect", None, error)) == (
+        f"cannot connect to db.internal:5432/shop: {cause}",
+        transient,
+    )
+
+
 def test_describe_failure_without_host_port_or_password() -> None:
     url = make_url("postgresql+asyncpg://app@/shop?host=/run/postgresql")
     assert describe_failure(url, ConnectionRefusedError()) == (
@@ -215,7 +305,8 @@ def test_describe_failure_without_host_port_or_password() -> None:
                 "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get "
                 "local issuer certificate (_ssl.c:1006)"
             ),
-            "the server's certificate is not signed by the CA in sslrootcert",
+            "the server's certificate could not be verified against sslrootcert (signed by "
+            "another CA, expired or not yet valid)",
         ),
         (  # libpq's default place, in the home directory: written as its documentation does
             DriverError(

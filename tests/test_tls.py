@@ -45,6 +45,12 @@ def _no_default_root_certificate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         monkeypatch.delenv(name, raising=False)
 
 
+NOT_VERIFIED = (
+    ": the server's certificate could not be verified against sslrootcert (signed by another CA, "
+    "expired or not yet valid)"
+)
+
+
 async def connected(database_url: str) -> dict[str, object]:
     """Connect with the canonical engine; what pg_stat_ssl says about our own connection."""
     engine = create_engine(get_settings(database_url=database_url))
@@ -122,7 +128,69 @@ async def test_verify_ca_refuses_a_certificate_from_another_ca(
     trustme.CA().cert_pem.write_to_path(str(tmp_path / "other.crt"))
     url = tls.url(driver, sslmode="verify-ca", sslrootcert=str(tmp_path / "other.crt"))
     message = await refused(url, caplog)
-    assert message.endswith(": the server's certificate is not signed by the CA in sslrootcert")
+    assert message.endswith(NOT_VERIFIED)
+
+
+async def test_an_expired_server_certificate_is_refused(
+    driver: Driver, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Signed by the right CA, but out of date: libpq does not say which check failed (Python's
+    ssl module does), so both say what it may be."""
+    with tls_server(tmp_path, expired=True) as expired:
+        url = expired.url(driver, sslmode="verify-full", sslrootcert=str(expired.ca_file))
+        message = await refused(url, caplog)
+    assert message.endswith(NOT_VERIFIED)
+
+
+async def test_a_ca_file_that_is_not_a_certificate_is_refused(
+    tls: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    (tmp_path / "ca.crt").write_text("not a certificate\n")
+    url = tls.url(driver, sslmode="verify-full", sslrootcert=str(tmp_path / "ca.crt"))
+    message = await refused(url, caplog)
+    assert message.endswith(
+        ": sslrootcert (or DB_SSLROOTCERT) could not be read as a certificate: set it to the "
+        "CA's certificate"
+    )
+
+
+async def test_a_key_that_is_not_the_certificates_is_refused(
+    tls: TLSServer, driver: Driver, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    trustme.CA().issue_cert(CLIENT_ROLE).private_key_pem.write_to_path(str(tmp_path / "c.key"))
+    (tmp_path / "c.key").chmod(0o600)
+    url = tls.url(
+        driver,
+        sslmode="verify-full",
+        sslrootcert=str(tls.ca_file),
+        sslcert=str(tls.client_cert),
+        sslkey=str(tmp_path / "c.key"),
+    )
+    message = await refused(url, caplog)
+    assert message.endswith(
+        ": the key in sslkey (or DB_SSLKEY) could not be loaded, or does not match the "
+        "certificate in sslcert (or DB_SSLCERT)"
+    )
+
+
+async def test_a_key_others_can_read_is_refused_by_libpq(
+    tls: TLSServer, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """psycopg only: asyncpg (Python's ssl module) does not check the file's permissions."""
+    key = tmp_path / "client.key"
+    key.write_bytes(tls.client_key.read_bytes())
+    key.chmod(0o644)
+    url = tls.url(
+        "psycopg",
+        sslmode="verify-full",
+        sslrootcert=str(tls.ca_file),
+        sslcert=str(tls.client_cert),
+        sslkey=str(key),
+    )
+    message = await refused(url, caplog)
+    assert message.endswith(
+        f': the key file "{key}" can be read by others, and libpq refuses it: chmod 600 it'
+    )
 
 
 async def test_channel_binding_with_psycopg(tls: TLSServer) -> None:
@@ -139,7 +207,7 @@ async def test_the_systems_ca_store_is_used_for_sslrootcert_system(
     asyncpg would otherwise look for a file named "system" and fail with a bare error."""
     url = tls.url(driver, sslmode="verify-full", sslrootcert="system")
     message = await refused(url, caplog)
-    assert message.endswith(": the server's certificate is not signed by the CA in sslrootcert")
+    assert message.endswith(NOT_VERIFIED)
 
 
 async def test_verify_full_without_the_ca_is_refused(

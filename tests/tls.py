@@ -17,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -62,11 +63,17 @@ def tls_binaries() -> Binaries:
 
 
 @contextlib.contextmanager
-def tls_server(files: Path) -> Iterator[TLSServer]:
-    """Start the server (certificates written to `files`); stopped and removed on exit."""
+def tls_server(files: Path, *, expired: bool = False) -> Iterator[TLSServer]:
+    """Start the server (certificates written to `files`); stopped and removed on exit.
+    `expired`: the server's certificate stopped being valid yesterday."""
     binaries = tls_binaries()
     ca = trustme.CA()
-    server_cert = ca.issue_cert("localhost")  # not 127.0.0.1: that is the wrong name
+    validity = {}
+    if expired:
+        now = datetime.now(UTC)
+        validity = {"not_before": now - timedelta(days=30), "not_after": now - timedelta(days=1)}
+    # localhost, not 127.0.0.1: that is the wrong name
+    server_cert = ca.issue_cert("localhost", **validity)
     for pem in server_cert.cert_chain_pems:
         pem.write_to_path(str(files / "server.crt"), append=True)
     server_cert.private_key_pem.write_to_path(str(files / "server.key"))

@@ -206,25 +206,26 @@ def _failure(url: URL, exc: BaseException) -> tuple[str, bool]:
 
 def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
     """Classify the driver's error; both drivers' messages are read, neither is repeated whole.
-    A wrong password, role or database is permanent; anything else may pass (transient)."""
+    Whatever the server refuses for good (a wrong password, role, database, privilege or
+    setting: SQLSTATE class 28, 42501, 3D000, 22023) or a certificate is permanent; anything else
+    may pass (transient). asyncpg gives the SQLSTATE; psycopg (libpq) only the server's text, so
+    the known refusals are read from the text, in the same words for both."""
     original: BaseException = exc
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         original = exc.orig
     # asyncpg wraps OS errors in SQLAlchemy's InterfaceError only sometimes; look at the chain.
-    chain = [original, original.__cause__, original.__context__]
-    message = " ".join(str(e) for e in chain if e is not None)
+    chain = [e for e in (original, original.__cause__, original.__context__) if e is not None]
+    message = " ".join(str(e) for e in chain)
     lowered = message.lower()
-    if "password authentication failed" in lowered:
-        return f"password authentication failed for user {url.username!r}", False
+    sqlstate = next((s for e in chain if isinstance(s := getattr(e, "sqlstate", None), str)), None)
     if (tls := _tls_cause(url, message)) is not None:
         return tls, False  # a certificate or TLS set-up does not fix itself by waiting
-    if "does not exist" in lowered and "database" in lowered:
-        return f"database {url.database!r} does not exist", False
-    if "role" in lowered and "does not exist" in lowered:
-        return f"role {url.username!r} does not exist", False
-    if (
-        any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain)
-        or "timeout" in lowered
+    if (refusal := _server_refusal(url, message)) is not None:
+        return refusal, False
+    if sqlstate is not None and sqlstate.startswith(_PERMANENT_SQLSTATES):
+        return _first_line(message, url), False
+    if any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain) or (
+        sqlstate is None and "timeout" in lowered  # not a server's refusal naming a timeout
     ):
         return "timed out; is the host reachable and the port open?", True
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in lowered:
@@ -232,6 +233,30 @@ def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, InterfaceError | DBAPIError):
         return _first_line(message, url), True
     return _first_line(f"{type(original).__name__}: {original}", url), True
+
+
+# Refused for good: authorization (class 28), no privilege, no such database, a bad setting.
+_PERMANENT_SQLSTATES = ("28", "42501", "3D000", "22023")
+
+
+def _server_refusal(url: URL, message: str) -> str | None:
+    """The server's refusals that waiting does not fix, read from either driver's text."""
+    lowered = message.lower()
+    if "password authentication failed" in lowered:
+        return f"password authentication failed for user {url.username!r}"
+    if "does not exist" in lowered and "database" in lowered:
+        return f"database {url.database!r} does not exist"
+    if "role" in lowered and "does not exist" in lowered:
+        return f"role {url.username!r} does not exist"
+    if match := re.search(r'role "([^"]*)" is not permitted to log in', message):
+        return f"role {match.group(1)!r} is not permitted to log in (NOLOGIN)"
+    if match := re.search(r'permission denied for database "([^"]*)"', message):
+        return f"role {url.username!r} has no CONNECT privilege on database {match.group(1)!r}"
+    if match := re.search(r'invalid value for parameter "([^"]*)": "([^"]*)"', message):
+        return f'the server refused the value "{match.group(2)}" for {match.group(1)}'
+    if match := re.search(r"no pg_hba\.conf entry for [^\n]*", message):
+        return match.group(0)
+    return None
 
 
 def _tls_cause(url: URL, message: str) -> str | None:
@@ -242,8 +267,28 @@ def _tls_cause(url: URL, message: str) -> str | None:
             f"the server's certificate is not valid for host {url.host!r} (sslmode=verify-full "
             "checks the name: connect by a name the certificate has)"
         )
-    if "certificate verify failed" in lowered:
-        return "the server's certificate is not signed by the CA in sslrootcert"
+    if "certificate verify failed" in lowered:  # libpq does not say which check failed
+        return (
+            "the server's certificate could not be verified against sslrootcert (signed by "
+            "another CA, expired or not yet valid)"
+        )
+    # libpq names the file, and what OpenSSL said (not always the cause: its error queue may
+    # hold an older error); Python's ssl module names neither.
+    if "no certificate or crl found" in lowered or "could not read root certificate" in lowered:
+        return (
+            "sslrootcert (or DB_SSLROOTCERT) could not be read as a certificate: set it to the "
+            "CA's certificate"
+        )
+    if "key values mismatch" in lowered or "could not load private key" in lowered:
+        return (
+            "the key in sslkey (or DB_SSLKEY) could not be loaded, or does not match the "
+            "certificate in sslcert (or DB_SSLCERT)"
+        )
+    if readable := re.search(r'private key file "([^"]*)" has group or world access', message):
+        return (
+            f'the key file "{readable.group(1)}" can be read by others, and libpq refuses it: '
+            "chmod 600 it"
+        )
     missing = re.search(r'root certificate file "([^"]*)" does not exist', message)
     if missing:
         path = _home_as_tilde(missing.group(1))
