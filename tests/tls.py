@@ -68,12 +68,13 @@ def tls_server(files: Path, *, expired: bool = False) -> Iterator[TLSServer]:
     `expired`: the server's certificate stopped being valid yesterday."""
     binaries = tls_binaries()
     ca = trustme.CA()
-    validity = {}
+    not_before: datetime | None = None  # trustme's defaults: valid from now for years
+    not_after: datetime | None = None
     if expired:
-        now = datetime.now(UTC)
-        validity = {"not_before": now - timedelta(days=30), "not_after": now - timedelta(days=1)}
+        not_before, not_after = datetime.now(UTC) - timedelta(days=30), datetime.now(UTC)
+        not_after -= timedelta(days=1)
     # localhost, not 127.0.0.1: that is the wrong name
-    server_cert = ca.issue_cert("localhost", **validity)
+    server_cert = ca.issue_cert("localhost", not_before=not_before, not_after=not_after)
     for pem in server_cert.cert_chain_pems:
         pem.write_to_path(str(files / "server.crt"), append=True)
     server_cert.private_key_pem.write_to_path(str(files / "server.key"))
