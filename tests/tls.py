@@ -71,8 +71,8 @@ def tls_server(files: Path, *, expired: bool = False) -> Iterator[TLSServer]:
     not_before: datetime | None = None  # trustme's defaults: valid from now for years
     not_after: datetime | None = None
     if expired:
-        not_before, not_after = datetime.now(UTC) - timedelta(days=30), datetime.now(UTC)
-        not_after -= timedelta(days=1)
+        now = datetime.now(UTC)
+        not_before, not_after = now - timedelta(days=30), now - timedelta(days=1)
     # localhost, not 127.0.0.1: that is the wrong name
     server_cert = ca.issue_cert("localhost", not_before=not_before, not_after=not_after)
     for pem in server_cert.cert_chain_pems:
