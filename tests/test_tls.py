@@ -16,14 +16,17 @@ from pathlib import Path
 
 import pytest
 import trustme
+from psycopg import sql
 from sqlalchemy import URL, make_url, text
 from sqlalchemy import create_engine as sync_engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from dblayer.api import create_app
 from dblayer.embedded import EmbeddedPostgres
 from dblayer.engine import check_connection, create_engine
 from dblayer.migrate import upgrade
+from dblayer.roles import create_roles
 from dblayer.settings import Driver, get_settings
 from dblayer.testing import connect
 from tests.apps import client_for, new_user, settings_for
@@ -288,19 +291,40 @@ async def test_a_certificate_for_another_role_is_refused(
     )
 
 
-async def test_the_reference_app_over_verified_tls(tls: TLSServer, driver: Driver) -> None:
-    """The reference app on its own migrated database, over `verify-full` with the CA: requests
-    that read and write it succeed, and every connection its pool holds is encrypted."""
+MIGRATOR_PASSWORD = "m1grat0r over TLS"
+APP_PASSWORD = "app p@ss over TLS"
+
+
+async def test_the_reference_app_over_verified_tls_as_the_app_role(
+    tls: TLSServer, driver: Driver
+) -> None:
+    """Issue 15's deployment: the reference app on its own database, migrated by the migrator
+    role, run as the app role, both over `verify-full` with the CA (in DATABASE_URL, as providers
+    hand it out). Requests that read and write succeed, the app role may not drop a table, and
+    every connection its pool holds is encrypted. Roles are cluster-wide: named after the
+    database. (They log in with passwords: pg_hba.conf's `cert` line is for a role on the
+    database of its own name only.)"""
     database = f"reference_{driver}"
+    migrator, app = f"{database}_migrator", f"{database}_app"
     admin = connect(make_url(tls.url("psycopg")))
     try:
-        admin.execute(f"CREATE DATABASE {database}")
-        url = make_url(tls.url(driver, database=database))
-        engine = sync_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool)
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        owner_url = make_url(
+            tls.url(driver, database=database, sslmode="verify-full", sslrootcert=str(tls.ca_file))
+        )
+        await create_roles(
+            settings_for(owner_url),
+            migrator=migrator,
+            app=app,
+            migrator_password=MIGRATOR_PASSWORD,
+            app_password=APP_PASSWORD,
+        )
+        migrator_url = owner_url.set(username=migrator, password=MIGRATOR_PASSWORD)
+        engine = sync_engine(migrator_url.set(drivername="postgresql+psycopg"), poolclass=NullPool)
         with engine.connect() as conn:  # Alembic manages the transactions
             upgrade(conn)
         engine.dispose()
-        settings = settings_for(url, db_sslmode="verify-full", db_sslrootcert=str(tls.ca_file))
+        settings = settings_for(owner_url.set(username=app, password=APP_PASSWORD))
         async for client in client_for(create_app(settings)):
             ready = await client.get("/ready")
             assert (ready.status_code, ready.json()["status"]) == (200, "ready")
@@ -310,12 +334,26 @@ async def test_the_reference_app_over_verified_tls(tls: TLSServer, driver: Drive
             listed = (await client.get("/tasks")).json()
             assert [task["title"] for task in listed["items"]] == ["TLS"]
             row = admin.execute(
-                "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a "
-                "USING (pid) WHERE a.datname = %s",
+                "SELECT count(*), bool_and(s.ssl), array_agg(DISTINCT a.usename) "
+                "FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = %s",
                 (database,),
             ).fetchone()
             assert row is not None
             assert row[0] >= 1
             assert row[1] is True
+            assert row[2] == [app]
+        as_app = create_engine(settings)
+        try:
+            with pytest.raises(DBAPIError) as dropping:
+                async with as_app.begin() as conn:
+                    await conn.execute(text("DROP TABLE tasks"))
+        finally:
+            await as_app.dispose()
+        assert getattr(dropping.value.orig, "sqlstate", None) == "42501"  # insufficient_privilege
     finally:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+        )
+        for role in (migrator, app):
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
         admin.close()
