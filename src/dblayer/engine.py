@@ -29,7 +29,8 @@ class DatabaseUnavailableError(RuntimeError):
     """The server could not be reached or refused us. One line, no password.
 
     `transient` says whether waiting could help (refused, timed out) or not (a wrong password,
-    a missing database): a start-up script retries only the first kind."""
+    a missing database, a role that may not log in or connect, a setting the server refuses, a
+    certificate or key that does not fit): a start-up script retries only the first kind."""
 
     def __init__(self, message: str, *, transient: bool = True) -> None:
         super().__init__(message)
