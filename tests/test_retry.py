@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dblayer.models import Task, User
 from dblayer.retry import is_retryable, run_in_transaction, sqlstate
-from dblayer.session import session_scope
+from dblayer.session import IsolationLevel, session_scope
 
 Maker = async_sessionmaker[AsyncSession]
 T = TypeVar("T")
@@ -24,11 +24,19 @@ Work = Callable[[AsyncSession], Awaitable[None]]
 
 
 async def retried(
-    sessionmaker: Maker, work: Callable[[AsyncSession], Awaitable[T]], attempts: int = 5
+    sessionmaker: Maker,
+    work: Callable[[AsyncSession], Awaitable[T]],
+    attempts: int = 5,
+    isolation_level: IsolationLevel | None = None,
 ) -> T:
     """`run_in_transaction` with short waits, to keep the tests quick."""
     return await run_in_transaction(
-        sessionmaker, work, attempts=attempts, backoff=0.01, max_backoff=0.05
+        sessionmaker,
+        work,
+        attempts=attempts,
+        backoff=0.01,
+        max_backoff=0.05,
+        isolation_level=isolation_level,
     )
 
 
@@ -83,7 +91,6 @@ async def test_a_serialization_failure_is_run_again_on_fresh_reads(sessionmaker:
         async def work(session: AsyncSession) -> None:
             nonlocal runs
             runs += 1
-            await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
             count = select(func.count()).select_from(Task).where(Task.user_id == user)
             number = await session.scalar(count) or 0
             counted[me].set()
@@ -96,10 +103,11 @@ async def test_a_serialization_failure_is_run_again_on_fresh_reads(sessionmaker:
         return work
 
     async def first() -> None:
-        await retried(sessionmaker, add_numbered(0))
+        await retried(sessionmaker, add_numbered(0), isolation_level="SERIALIZABLE")
         first_done.set()
 
-    await asyncio.gather(first(), retried(sessionmaker, add_numbered(1)))
+    second = retried(sessionmaker, add_numbered(1), isolation_level="SERIALIZABLE")
+    await asyncio.gather(first(), second)
     assert runs == 3
     async with session_scope(sessionmaker) as session:
         titles = sorted(await session.scalars(select(Task.title)))
@@ -196,3 +204,22 @@ async def test_at_least_one_attempt(sessionmaker: Maker) -> None:
 
     with pytest.raises(ValueError, match="attempts must be 1 or more"):
         await run_in_transaction(sessionmaker, work, attempts=0)
+
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+async def test_each_attempt_runs_at_the_isolation_level_asked_for(
+    sessionmaker: Maker, level: IsolationLevel
+) -> None:
+    """Set before the transaction's first statement (as `session_scope` does), on every attempt,
+    the re-run included; the connection goes back to the pool at the default."""
+    levels: list[str | None] = []
+
+    async def work(session: AsyncSession) -> None:
+        levels.append(await session.scalar(text("SHOW transaction_isolation")))
+        if len(levels) == 1:
+            await session.execute(text(raise_sqlstate("40001")))
+
+    await retried(sessionmaker, work, isolation_level=level)
+    assert levels == [level.lower()] * 2
+    async with session_scope(sessionmaker) as session:
+        assert await session.scalar(text("SHOW transaction_isolation")) == "read committed"

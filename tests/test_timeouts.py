@@ -172,7 +172,7 @@ async def test_a_write_that_waits_past_the_lock_timeout_is_503(
         ("40P01", "a deadlock (40P01) rolled the transaction back"),
     ],
 )
-async def test_a_conflict_left_after_the_retries_is_503(
+async def test_a_conflict_that_reaches_the_api_is_503(
     database_url: URL, caplog: pytest.LogCaptureFixture, code: str, reason: str
 ) -> None:
     app = create_app(settings_for(database_url))

@@ -42,8 +42,9 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     """Driver-specific connection arguments: the two drivers spell the same options differently."""
     tls = settings.tls  # libpq's sslmode, sslrootcert, sslcert, sslkey: those that are set
     # --8<-- [start:server_settings]
-    # Server settings for every connection, enforced by the server itself (the driver's own
-    # timeouts only stop waiting; the query would go on running).
+    # Server settings for every connection, enforced by the server itself: its errors carry a
+    # SQLSTATE and the connection is kept. (asyncpg's own command_timeout raises a bare
+    # TimeoutError, with no SQLSTATE, and SQLAlchemy discards the connection.)
     server = {}
     for name, seconds in (
         ("statement_timeout", settings.db_statement_timeout),

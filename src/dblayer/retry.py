@@ -26,7 +26,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from dblayer.session import session_scope
+from dblayer.session import IsolationLevel, session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ async def run_in_transaction(
     attempts: int = 5,
     backoff: float = 0.05,
     max_backoff: float = 2.0,
+    isolation_level: IsolationLevel | None = None,
 ) -> T:
     """Run `work(session)` in a transaction of its own and commit; re-run all of it, in a new
     session, when the server rolled it back for a deadlock or a serialization failure.
@@ -70,7 +71,8 @@ async def run_in_transaction(
     capped at `max_backoff`, between them, so that the transactions that collided do not collide
     again in step. After the last attempt its error is raised as it is; any other error at once.
     `work` must do nothing it cannot do twice (send no e-mail, call no payment API): only what
-    the database rolls back is undone."""
+    the database rolls back is undone. `isolation_level` applies to every attempt's transaction,
+    set before its first statement (see `session_scope`)."""
     if attempts < 1:
         raise ValueError("attempts must be 1 or more")
     retrying = AsyncRetrying(
@@ -82,7 +84,8 @@ async def run_in_transaction(
     )
     async for attempt in retrying:
         with attempt:
-            async with session_scope(sessionmaker) as session:  # commits, or rolls back
+            # commits, or rolls back
+            async with session_scope(sessionmaker, isolation_level=isolation_level) as session:
                 return await work(session)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
