@@ -41,7 +41,7 @@ def test_prestart_migrates_and_seeds_once(
         assert prestart.main([]) == 0
         first = capsys.readouterr().out.splitlines()
         assert first[1:] == [
-            f"migrations: upgraded an empty database to head ({head_revision()})",
+            f"migrations: upgraded from base to head ({head_revision()})",
             "seed: created (3 tasks)",
         ]
         assert first[0].startswith("database: PostgreSQL 1")
@@ -183,7 +183,7 @@ def test_replicas_starting_at_once_migrate_once(
         assert [f.splitlines()[-4:] for f in failures] == []  # the error, not the log
         lines = sorted(out.splitlines()[1] for out, _ in results)
         assert lines == [f"migrations: at head ({head_revision()})"] * (REPLICAS - 1) + [
-            f"migrations: upgraded an empty database to head ({head_revision()})"
+            f"migrations: upgraded from base to head ({head_revision()})"
         ]
     finally:
         databases.drop(name)

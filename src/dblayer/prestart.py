@@ -104,7 +104,7 @@ async def prestart(max_wait: float = 60.0) -> list[str]:
             # Under the migration lock: of replicas starting at once, one migrates.
             upgrade = await upgrade_with_lock(engine)
             migrations = (
-                f"upgraded {upgrade.before or 'an empty database'} to head ({upgrade.after})"
+                f"upgraded from {upgrade.before or 'base'} to head ({upgrade.after})"
                 if upgrade.ran
                 else f"at head ({upgrade.after})"
             )
