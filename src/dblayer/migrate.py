@@ -193,9 +193,8 @@ def _upgrade_unless_applied(connection: Connection, x_arguments: Sequence[str]) 
     or a newer release (a revision this code does not know: left alone, see `head_is_applied`)."""
     before = MigrationContext.configure(connection).get_current_revision()
     connection.rollback()  # Alembic gets the connection outside a transaction
-    if not head_is_applied(before):
-        upgrade(connection, x_arguments=x_arguments)
-    after = MigrationContext.configure(connection).get_current_revision()
-    connection.rollback()
-    return Upgrade(before, after)
+    if head_is_applied(before):
+        return Upgrade(before, before)
+    upgrade(connection, x_arguments=x_arguments)
+    return Upgrade(before, head_revision())
     # --8<-- [end:lock]
