@@ -212,3 +212,13 @@ async def test_a_failing_revision_releases_the_lock(engine: AsyncEngine, tmp_pat
     async with engine.connect() as conn:
         held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
         assert await conn.scalar(text(held), {"key": MIGRATION_LOCK}) == 0
+
+
+async def test_the_lock_ends_with_the_session_that_held_it(engine: AsyncEngine) -> None:
+    """A migrator that dies (its connection closed, here) leaves no lock behind."""
+    await downgrade_to(engine, "0002")
+    async with engine.connect() as dying:
+        await dying.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        await dying.commit()
+        await dying.invalidate()  # the session ends without unlocking
+    assert (await upgrade_with_lock(engine, wait=5)).ran

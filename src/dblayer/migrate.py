@@ -147,8 +147,8 @@ async def upgrade_with_lock(
     The lock is a session lock on the connection Alembic runs on: it survives the commits of
     Alembic's transaction and of `autocommit_block()`, and ends with the session if the process
     dies. Waiting for it gives up after `wait` seconds with `MigrationLockTimeout`, so a stuck
-    migrator does not hang every replica behind it (Kubernetes restarts the replica, which
-    tries again)."""
+    migrator does not hang every replica behind it (the orchestrator starts the replica again,
+    which tries again)."""
     async with engine.connect() as connection:
         await _lock(connection, wait)
         try:
