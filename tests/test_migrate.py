@@ -15,12 +15,17 @@ from sqlalchemy import URL, Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dblayer.migrate import (
+    FIND_MIGRATOR,
+    MIGRATION_LOCK,
     MIGRATIONS,
+    MigrationLockTimeout,
+    Upgrade,
     alembic_config,
     current_revision,
     downgrade_to,
     head_revision,
     upgrade_to_head,
+    upgrade_with_lock,
 )
 from tests.paths import ROOT
 
@@ -171,3 +176,67 @@ async def test_a_failing_revision_leaves_the_previous_one(
     assert await current_revision(engine) == head_revision()
     async with engine.connect() as conn:
         assert await conn.scalar(text("SELECT to_regclass('half_done')")) is None
+
+
+async def test_upgrade_with_lock_reports_what_it_did(engine: AsyncEngine) -> None:
+    await downgrade_to(engine, "0002")
+    assert await upgrade_with_lock(engine) == Upgrade("0002", head_revision())
+    nothing = await upgrade_with_lock(engine)
+    assert nothing == Upgrade(head_revision(), head_revision())
+    assert not nothing.ran
+    async with engine.begin() as conn:  # a newer release's revision: left alone, no error
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeedbeef'"))
+    assert await upgrade_with_lock(engine) == Upgrade("f00dfeedbeef", "f00dfeedbeef")
+    async with engine.connect() as conn:  # released: nobody holds it any more
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
+        assert await conn.scalar(text(held), {"key": MIGRATION_LOCK}) == 0
+
+
+async def test_a_held_lock_is_waited_for_then_one_clear_error(engine: AsyncEngine) -> None:
+    """A stuck migrator (here: this test's session holding the lock) does not hang the others."""
+    await downgrade_to(engine, "0002")
+    async with engine.connect() as stuck:
+        await stuck.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        await stuck.commit()
+        with pytest.raises(MigrationLockTimeout) as caught:
+            await upgrade_with_lock(engine, wait=0.3)
+        async with engine.connect() as conn:  # the query the message gives finds the holder
+            pids = (await conn.execute(text(FIND_MIGRATOR))).scalars().all()
+            assert pids == [await stuck.scalar(text("SELECT pg_backend_pid()"))]
+        await stuck.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+        await stuck.commit()
+    assert str(caught.value) == (
+        "another migration has held the migration lock for more than 0.3 s; find it with: "
+        + FIND_MIGRATOR
+    )
+    assert await current_revision(engine) == "0002"
+    assert (await upgrade_with_lock(engine, wait=0.3)).ran
+
+
+async def test_a_failing_revision_releases_the_lock(engine: AsyncEngine, tmp_path: Path) -> None:
+    """The lock is released after a failure too (the connection may go back to the pool)."""
+    await downgrade_to(engine, "0002")
+    async with engine.begin() as conn:  # two live users whose emails differ only in case
+        for email, username in (("Ada@x.org", "ada"), ("ada@x.org", "ada2")):
+            await conn.execute(
+                text(
+                    "INSERT INTO users (id, email, username, hashed_password)"
+                    " VALUES (gen_random_uuid(), :e, :u, 'x')"
+                ),
+                {"e": email, "u": username},
+            )
+    with pytest.raises(CommandError, match="differ only in case"):
+        await upgrade_with_lock(engine)
+    async with engine.connect() as conn:
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
+        assert await conn.scalar(text(held), {"key": MIGRATION_LOCK}) == 0
+
+
+async def test_the_lock_ends_with_the_session_that_held_it(engine: AsyncEngine) -> None:
+    """A migrator that dies (its connection closed, here) leaves no lock behind."""
+    await downgrade_to(engine, "0002")
+    async with engine.connect() as dying:
+        await dying.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        await dying.commit()
+        await dying.invalidate()  # the session ends without unlocking
+    assert (await upgrade_with_lock(engine, wait=5)).ran

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +23,7 @@ from dblayer.repositories import TaskRepository
 from dblayer.services import UserService
 from dblayer.session import session_scope
 from dblayer.settings import Driver, get_settings
+from dblayer.testing import connect
 from tests.apps import free_port
 from tests.databases import Databases
 
@@ -36,10 +40,14 @@ def test_prestart_migrates_and_seeds_once(
         monkeypatch.setenv("DATABASE_URL", url)
         assert prestart.main([]) == 0
         first = capsys.readouterr().out.splitlines()
-        assert first[1:] == [f"migrations: at head ({head_revision()})", "seed: created (3 tasks)"]
+        assert first[1:] == [
+            f"migrations: upgraded from base to head ({head_revision()})",
+            "seed: created (3 tasks)",
+        ]
         assert first[0].startswith("database: PostgreSQL 1")
         assert prestart.main([]) == 0  # idempotent
         second = capsys.readouterr().out.splitlines()
+        assert second[1] == f"migrations: at head ({head_revision()})"  # nothing to do
         assert second[2] == "seed: already there, nothing changed (3 tasks)"
     finally:
         databases.drop(name)
@@ -143,3 +151,56 @@ def test_prestart_of_an_older_release_leaves_a_newer_schema_alone(
         f"migrations: at f00dfeedbeef, newer than this code's head {head_revision()}: left as it is"
     )
     assert lines[2] == "seed: created (3 tasks)"
+
+
+REPLICAS = 4
+# Each replica blocked: on a lock (the one inside its migration, or any, without the migration
+# lock), or idle after a try at the migration lock found it taken (its last statement is the
+# COMMIT after `pg_try_advisory_lock`; none before it in pre-start ends in COMMIT).
+WAITING = """SELECT count(DISTINCT pid) FROM pg_stat_activity WHERE datname = %s
+               AND (wait_event_type = 'Lock' OR (state = 'idle' AND query LIKE 'COMMIT%%'))"""
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_replicas_starting_at_once_migrate_once(
+    databases: Databases, driver: Driver, round_: int
+) -> None:
+    """Several replicas run pre-start at once against an empty database (alembic#633). Made
+    deterministic: this test holds the first type revision 0001 creates, so every replica is
+    blocked mid-way (the first inside its migration, the others behind it) before any goes on.
+    Without a lock, the others then fail on a duplicate key in the catalog; with it, one
+    migrates and the others wait, then find nothing to do."""
+    name = databases.clone(empty=True)
+    url = databases.url(name, driver)
+    env = {**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False)}
+    try:
+        with connect(url) as holder:
+            holder.execute("BEGIN")
+            holder.execute("CREATE TYPE user_role AS ENUM ('USER')")
+            replicas = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "dblayer.prestart"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(REPLICAS)
+            ]
+            try:
+                deadline = time.monotonic() + 60
+                while databases.admin.execute(WAITING, (name,)).fetchone() != (REPLICAS,):
+                    assert all(r.poll() is None for r in replicas), "a replica ended early"
+                    assert time.monotonic() < deadline, "the replicas never all waited"
+                    time.sleep(0.05)  # polling the server, not waiting for an outcome
+            finally:
+                holder.execute("ROLLBACK")
+            results = [r.communicate(timeout=60) for r in replicas]
+        failures = [err for (_, err), r in zip(results, replicas, strict=True) if r.returncode]
+        assert [f.splitlines()[-4:] for f in failures] == []  # the error, not the log
+        lines = sorted(out.splitlines()[1] for out, _ in results)
+        assert lines == [f"migrations: at head ({head_revision()})"] * (REPLICAS - 1) + [
+            f"migrations: upgraded from base to head ({head_revision()})"
+        ]
+    finally:
+        databases.drop(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -15,8 +16,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_result,
+    stop_after_delay,
+    wait_exponential,
+)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -101,3 +109,92 @@ def _revisions() -> tuple[str | None, frozenset[str]]:
     known = frozenset(revision.revision for revision in script.walk_revisions())
     return script.get_current_head(), known
     # --8<-- [end:head_applied]
+
+
+# --8<-- [start:lock]
+# The advisory lock every release takes around its upgrade: one fixed key, the same in every
+# release, used for nothing else. Advisory locks are per database, so databases on one server
+# do not wait for each other. It fits in 32 bits, so pg_locks shows it as `objid`.
+MIGRATION_LOCK = 1_835_624_306  # 0x6d696772, "migr"
+FIND_MIGRATOR = (
+    "SELECT pid, state, query FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks"
+    " WHERE locktype = 'advisory' AND objid = 1835624306)"
+)
+
+
+class MigrationLockTimeout(Exception):
+    """Another migration held the lock for longer than this one would wait."""
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """What `upgrade_with_lock` found and left: `before == after` when there was nothing to do."""
+
+    before: str | None
+    after: str | None
+
+    @property
+    def ran(self) -> bool:
+        return self.before != self.after
+
+
+async def upgrade_with_lock(
+    engine: AsyncEngine, *, wait: float = 60.0, x_arguments: Sequence[str] = ()
+) -> Upgrade:
+    """Upgrade to head unless this code's head is applied, holding `MIGRATION_LOCK`, so that of
+    several replicas starting at once one migrates and the others wait, then find nothing to do.
+
+    The lock is a session lock on the connection Alembic runs on: it survives the commits of
+    Alembic's transaction and of `autocommit_block()`, and ends with the session if the process
+    dies. Waiting for it gives up after `wait` seconds with `MigrationLockTimeout`, so a stuck
+    migrator does not hang every replica behind it (the orchestrator starts the replica again,
+    which tries again)."""
+    async with engine.connect() as connection:
+        await _lock(connection, wait)
+        try:
+            return await connection.run_sync(_upgrade_unless_applied, x_arguments)
+        finally:
+            await connection.rollback()  # a failed revision may leave its transaction aborted
+            await connection.execute(
+                text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK}
+            )
+            await connection.commit()
+
+
+async def _lock(connection: AsyncConnection, wait: float) -> None:
+    """Try the lock, and again with backoff, for up to `wait` seconds. Not `pg_advisory_lock()`:
+    a replica waiting inside that statement holds a snapshot, which `CREATE INDEX CONCURRENTLY`
+    in the migrator's revision waits for, while the replica waits for the migrator: a deadlock.
+    Between tries this connection is outside any transaction."""
+    retrying = AsyncRetrying(
+        retry=retry_if_result(lambda locked: not locked),
+        wait=wait_exponential(multiplier=0.05, max=1.0),
+        stop=stop_after_delay(wait),
+    )
+    try:
+        await retrying(_try_lock, connection)
+    except RetryError:
+        raise MigrationLockTimeout(
+            f"another migration has held the migration lock for more than {wait:g} s;"
+            f" find it with: {FIND_MIGRATOR}"
+        ) from None
+
+
+async def _try_lock(connection: AsyncConnection) -> bool:
+    locked = await connection.scalar(
+        text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK}
+    )
+    await connection.commit()  # the session lock stays; the transaction must not
+    return bool(locked)
+
+
+def _upgrade_unless_applied(connection: Connection, x_arguments: Sequence[str]) -> Upgrade:
+    """Under the lock, read the revision again: another replica may have migrated meanwhile,
+    or a newer release (a revision this code does not know: left alone, see `head_is_applied`)."""
+    before = MigrationContext.configure(connection).get_current_revision()
+    connection.rollback()  # Alembic gets the connection outside a transaction
+    if head_is_applied(before):
+        return Upgrade(before, before)
+    upgrade(connection, x_arguments=x_arguments)
+    return Upgrade(before, head_revision())
+    # --8<-- [end:lock]

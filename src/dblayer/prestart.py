@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from dblayer.engine import DatabaseUnavailableError, check_connection, create_engine
-from dblayer.migrate import current_revision, head_is_applied, head_revision, upgrade_to_head
+from dblayer.migrate import current_revision, head_is_applied, head_revision, upgrade_with_lock
 from dblayer.repositories import TaskRepository, UserRepository
 from dblayer.services import DuplicateError, UserService
 from dblayer.session import create_sessionmaker, session_scope
@@ -102,8 +102,13 @@ async def prestart(max_wait: float = 60.0) -> list[str]:
                 f"at {revision}, newer than this code's head {head_revision()}: left as it is"
             )
         else:
-            await upgrade_to_head(engine)
-            migrations = f"at head ({head_revision()})"
+            # Under the migration lock: of replicas starting at once, one migrates.
+            upgrade = await upgrade_with_lock(engine)
+            migrations = (
+                f"upgraded from {upgrade.before or 'base'} to head ({upgrade.after})"
+                if upgrade.ran
+                else f"at head ({upgrade.after})"
+            )
         async with session_scope(create_sessionmaker(engine)) as session:
             created = await seed(session)
             tasks = await TaskRepository(session).count()
