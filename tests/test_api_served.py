@@ -146,7 +146,7 @@ def test_the_app_starts_an_embedded_database_when_none_is_configured(
     out = capsys.readouterr().out
     assert out.startswith(f"database: embedded PostgreSQL {find_binaries().version},")
     assert "roles: migrations as dblayer_migrator, the app as dblayer_app (rows only)\n" in out
-    assert f"migrations: at head ({head_revision()})" in out
+    assert f"migrations: upgraded from base to head ({head_revision()})" in out
 
 
 def served_as_the_app_role(base: str) -> None:

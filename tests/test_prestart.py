@@ -65,7 +65,10 @@ def test_prestart_migrates_on_the_migration_url(
         monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:1/app")
         assert prestart.main(["--timeout", "5"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[1:] == [f"migrations: at head ({head_revision()})", "seed: created (3 tasks)"]
+        assert out[1:] == [
+            f"migrations: upgraded from base to head ({head_revision()})",
+            "seed: created (3 tasks)",
+        ]
     finally:
         databases.drop(name)
 
