@@ -211,3 +211,28 @@ async def test_a_request_whose_transaction_sat_idle_too_long_is_503_and_the_next
     assert "503 for GET /idle: " in caplog.text
     if driver == "psycopg":  # asyncpg finds the connection closed, without the server's error
         assert "sat idle past DB_IDLE_IN_TRANSACTION_TIMEOUT; the server ended it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (3000000, "Input should be less than or equal to 2147483.647"),  # the server's INT_MAX ms
+        ("inf", "Input should be a finite number"),
+        ("-inf", "Input should be a finite number"),
+        ("nan", "Input should be a finite number"),
+    ],
+)
+@pytest.mark.parametrize(
+    "name", ["db_statement_timeout", "db_idle_in_transaction_timeout", "db_lock_timeout"]
+)
+def test_a_timeout_beyond_what_the_server_takes_is_one_line(
+    name: str, value: Any, message: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        get_settings(**{name: value})
+    assert str(caught.value) == f"{name.upper()}: {message}"
+
+
+def test_the_largest_timeout_the_server_takes_is_accepted() -> None:
+    settings = get_settings(db_statement_timeout=2147483.647)
+    assert connect_args(settings)["server_settings"] == {"statement_timeout": "2147483647"}
