@@ -153,8 +153,8 @@ async def create_roles(
     return [
         *lines,
         f"migrator: owns the tables and types of schema {schema} ({len(adopted)} given to it now)",
-        "app: SELECT, INSERT, UPDATE, DELETE on them, and on the tables the migrator makes later;"
-        " SELECT only on alembic_version",
+        "app: SELECT, INSERT, UPDATE, DELETE on them, and on the tables the migrator makes later",
+        "app: only SELECT on alembic_version, which the migrator owns",
     ]
 
 

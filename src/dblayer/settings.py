@@ -39,17 +39,18 @@ ChannelBinding = Literal["disable", "prefer", "require"]
 TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "channel_binding")
 # --8<-- [end:tls]
 
-# The server keeps its timeouts in milliseconds as an int: 2147483.647 s is the most it takes.
-Timeout = Annotated[float, Field(gt=0, le=2147483.647, allow_inf_nan=False)]
-# The app's timeouts, which migrations run without (see `Settings.for_migrations`).
-APP_TIMEOUTS = ("db_statement_timeout", "db_lock_timeout", "db_idle_in_transaction_timeout")
-
 
 class SettingsError(ValueError):
     """A setting is missing or wrong. The message is one line and never contains a password."""
 
 
 # --8<-- [start:settings]
+# The server keeps its timeouts in milliseconds as an int: 2147483.647 s is the most it takes.
+Timeout = Annotated[float, Field(gt=0, le=2147483.647, allow_inf_nan=False)]
+# The app's timeouts, which migrations run without (see `Settings.for_migrations`).
+APP_TIMEOUTS = ("db_statement_timeout", "db_lock_timeout", "db_idle_in_transaction_timeout")
+
+
 class Settings(BaseSettings):
     """Where the database is and how to talk to it. Every field has an environment variable."""
 
