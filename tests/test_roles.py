@@ -139,7 +139,7 @@ async def test_running_it_again_sets_the_passwords_and_changes_nothing_else(
             (f"{name}_migrator", f"{name}_app"),
         ).fetchall()
     assert len(rows) == 2
-    assert all(str(row[0]).startswith("SCRAM-SHA-256$4096:") for row in rows)  # never in clear
+    assert all(str(row[0]).startswith("SCRAM-SHA-256$4096:") for row in rows)  # as stored
 
 
 async def test_the_asgi_app_served_as_the_app_role(

@@ -64,7 +64,8 @@ DEFAULT_PRIVILEGES = [
     " GRANT USAGE, SELECT ON SEQUENCES TO {app}",
 ]
 # The version table, before the migrator's first `alembic upgrade` would make it (and default
-# privileges would then grant the app its rows): Alembic's own DDL, which it takes as it is.
+# privileges would then grant the app its rows): Alembic's own DDL, which it takes as it is. In
+# the schema given, where Alembic keeps it when that schema comes first on the search_path.
 VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS {schema}.alembic_version (version_num VARCHAR(32) NOT NULL,"
     " CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
