@@ -9,6 +9,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import URL, text
 from sqlalchemy.exc import DBAPIError
 
@@ -18,6 +20,7 @@ from dblayer.engine import connect_args, create_engine
 from dblayer.session import create_sessionmaker, session_scope
 from dblayer.settings import SettingsError, get_settings
 from tests.apps import client_for, settings_for
+from tests.paths import ROOT
 
 
 async def test_a_slow_statement_is_cancelled_and_the_pool_goes_on(database_url: URL) -> None:
@@ -236,3 +239,16 @@ def test_a_timeout_beyond_what_the_server_takes_is_one_line(
 def test_the_largest_timeout_the_server_takes_is_accepted() -> None:
     settings = get_settings(db_statement_timeout=2147483.647)
     assert connect_args(settings)["server_settings"] == {"statement_timeout": "2147483647"}
+
+
+def test_alembic_migrates_without_the_apps_timeouts(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL
+) -> None:
+    """The `alembic` command (migrations/env.py) connects with `for_migrations()`: a statement
+    timeout far too short for any migration is the app's alone."""
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    for name in ("DB_STATEMENT_TIMEOUT", "DB_LOCK_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT"):
+        monkeypatch.setenv(name, "0.001")
+    ini = Config(str(ROOT / "alembic.ini"))
+    command.downgrade(ini, "base")
+    command.upgrade(ini, "head")
