@@ -207,3 +207,57 @@ def test_replicas_starting_at_once_migrate_once(
         ]
     finally:
         databases.drop(name)
+
+
+def test_prestart_migrates_without_the_apps_timeouts(
+    monkeypatch: pytest.MonkeyPatch, databases: Databases, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A statement timeout far too short for a migration is the app's, not pre-start's."""
+    name = databases.clone(empty=True)
+    try:
+        url = databases.url(name, "psycopg").render_as_string(hide_password=False)
+        monkeypatch.setenv("DATABASE_URL", url)
+        for variable in ("DB_STATEMENT_TIMEOUT", "DB_LOCK_TIMEOUT"):
+            monkeypatch.setenv(variable, "0.001")
+        monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "0.001")
+        assert prestart.main([]) == 0, capsys.readouterr().err
+        migrated = f"migrations: upgraded from base to head ({head_revision()})"
+        assert capsys.readouterr().out.splitlines()[1] == migrated
+    finally:
+        databases.drop(name)
+
+
+def test_a_migration_the_server_refuses_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    databases: Databases,
+    driver: Driver,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A table the first migration would create is there already: SQLSTATE and the server's
+    message, not a traceback, and never the password."""
+    name = databases.clone(empty=True)
+    try:
+        url = databases.url(name, driver)
+        with create_sync_engine(
+            url.set(drivername="postgresql+psycopg"), poolclass=NullPool
+        ).begin() as conn:
+            conn.execute(text("CREATE TABLE users (id int)"))
+        monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+        assert prestart.main([]) == 1
+        err = capsys.readouterr().err
+        assert err == 'prestart failed: relation "users" already exists (SQLSTATE 42P07)\n'
+    finally:
+        databases.drop(name)
+
+
+def test_a_version_table_alembic_refuses_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = database_url.set(drivername="postgresql+psycopg")
+    with create_sync_engine(admin, poolclass=NullPool).begin() as conn:
+        conn.execute(text("INSERT INTO alembic_version VALUES ('f00dfeedbeef')"))
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    assert prestart.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prestart failed: Version table 'alembic_version' has more than one")
+    assert err.count("\n") == 1

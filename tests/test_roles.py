@@ -20,9 +20,10 @@ from dblayer.migrate import current_revision, downgrade_to, head_revision, upgra
 from dblayer.repositories import TaskRepository
 from dblayer.services import UserService
 from dblayer.session import create_sessionmaker, session_scope
-from dblayer.settings import get_settings
+from dblayer.settings import Driver, get_settings
 from dblayer.testing import connect
 from tests.apps import client_for, new_user, settings_for
+from tests.databases import Databases
 
 MIGRATOR_PASSWORD = "m1grat0r'; DROP ROLE x; --"  # quoted by psycopg, hashed by libpq
 APP_PASSWORD = "app p@ss:w/rd%20#?"
@@ -138,7 +139,7 @@ async def test_running_it_again_sets_the_passwords_and_changes_nothing_else(
             (f"{name}_migrator", f"{name}_app"),
         ).fetchall()
     assert len(rows) == 2
-    assert all(str(row[0]).startswith("SCRAM-SHA-256$4096:") for row in rows)  # never in clear
+    assert all(str(row[0]).startswith("SCRAM-SHA-256$4096:") for row in rows)  # as stored
 
 
 async def test_the_asgi_app_served_as_the_app_role(
@@ -274,3 +275,150 @@ def test_the_command_line_says_it_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("roles: the app role could still create tables in schema public:")
     assert err.count("\n") == 1
+
+
+async def test_the_app_role_reads_the_version_table_and_may_not_change_it(
+    role_engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """`/ready` reads alembic_version; rewriting it would make `alembic` skip or repeat
+    migrations. The migrator still migrates afterwards."""
+    migrator, app = role_engines
+    for statement in (
+        "UPDATE alembic_version SET version_num = 'tampered'",
+        "DELETE FROM alembic_version",
+        "INSERT INTO alembic_version VALUES ('tampered')",
+        "TRUNCATE alembic_version",
+    ):
+        async with app.connect() as conn:
+            with pytest.raises(DBAPIError) as caught:
+                await conn.execute(text(statement))
+        assert _sqlstate(caught.value) == "42501", statement
+    assert await current_revision(app) == head_revision()
+    await downgrade_to(migrator, "0002")
+    await upgrade_to_head(migrator)
+    assert await current_revision(app) == head_revision()
+
+
+async def test_on_an_empty_database_the_version_table_is_made_first(
+    databases: Databases, driver: Driver
+) -> None:
+    """Before the first `alembic upgrade`: default privileges would grant the app every row
+    of the version table the migrator then creates, so `create_roles` makes it, as Alembic
+    would, and the migrator's upgrade takes it as it is."""
+    name = databases.clone(empty=True)
+    try:
+        migrator_url, app_url = await make_roles(databases.url(name, driver))
+        migrator = create_engine(settings_for(migrator_url))
+        app = create_engine(settings_for(app_url))
+        try:
+            await upgrade_to_head(migrator)
+            await downgrade_to(migrator, "base")
+            await upgrade_to_head(migrator)
+            assert await current_revision(app) == head_revision()
+            async with app.connect() as conn:
+                with pytest.raises(DBAPIError) as caught:
+                    await conn.execute(text("UPDATE alembic_version SET version_num = 'x'"))
+            assert _sqlstate(caught.value) == "42501"
+        finally:
+            await migrator.dispose()
+            await app.dispose()
+    finally:
+        databases.drop(name)
+
+
+async def test_an_existing_role_loses_powers_it_should_not_have(database_url: URL) -> None:
+    name = database_url.database
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        admin.execute(f'CREATE ROLE "{name}_app" LOGIN CREATEDB CREATEROLE BYPASSRLS REPLICATION')
+        admin.execute(f'CREATE ROLE "{name}_migrator" LOGIN CREATEDB CREATEROLE')
+    await make_roles(database_url)
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        found = admin.execute(
+            "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolbypassrls, rolreplication"
+            " FROM pg_roles WHERE rolname IN (%s, %s) ORDER BY 1",
+            (f"{name}_app", f"{name}_migrator"),
+        ).fetchall()
+    assert found == [
+        (f"{name}_app", False, False, False, False, False),
+        (f"{name}_migrator", False, False, False, False, False),
+    ]
+
+
+@pytest.mark.parametrize("who", ["same", "current_user", "owner"])
+async def test_an_app_role_that_is_the_migrator_or_the_administrator_is_refused(
+    database_url: URL, who: str
+) -> None:
+    name = database_url.database
+    settings = settings_for(database_url)
+    app = {"same": f"{name}_migrator", "current_user": database_url.username}.get(who)
+    if who == "owner":
+        app = f"{name}_owner"
+        with connect(database_url.set(drivername="postgresql")) as admin:
+            admin.execute(f'CREATE ROLE "{app}"')
+            admin.execute(f'ALTER DATABASE "{name}" OWNER TO "{app}"')
+    with pytest.raises(roles.RolesError) as caught:
+        await roles.create_roles(
+            settings,
+            migrator=f"{name}_migrator",
+            app=str(app),
+            migrator_password="m",
+            app_password="a",
+        )
+    expected = {
+        "same": "the app role must not be the migrator: name two different roles",
+        "current_user": f"the app role must not be {app}, the role this runs as: name another",
+        "owner": f"the app role must not be {app}, the database's owner: name another",
+    }
+    assert str(caught.value) == expected[who]
+
+
+async def test_the_migrator_may_not_be_the_administrator(database_url: URL) -> None:
+    with pytest.raises(roles.RolesError) as caught:
+        await roles.create_roles(
+            settings_for(database_url),
+            migrator=str(database_url.username),
+            app=f"{database_url.database}_app",
+            migrator_password="m",
+            app_password="a",
+        )
+    assert str(caught.value) == (
+        f"the migrator must not be {database_url.username}, the role this runs as: name another"
+    )
+
+
+async def test_a_schema_named_in_mixed_case_is_adopted(database_url: URL) -> None:
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        admin.execute('CREATE SCHEMA "MySchema"')
+        admin.execute('CREATE TABLE "MySchema"."Notes" (id int)')
+    name = database_url.database
+    lines = await roles.create_roles(
+        settings_for(database_url),
+        migrator=f"{name}_migrator",
+        app=f"{name}_app",
+        migrator_password="m",
+        app_password="a",
+        schema="MySchema",
+    )
+    assert lines[2] == "migrator: owns the tables and types of schema MySchema (2 given to it now)"
+
+
+async def test_the_administrator_stays_a_member_of_the_migrator(database_url: URL) -> None:
+    """Granted so that it may give objects to the migrator and set its default privileges, and
+    kept: running `create_roles` again needs it, and it is what an administrator may do anyway."""
+    await make_roles(database_url)
+    with connect(database_url.set(drivername="postgresql")) as admin:
+        member = admin.execute(
+            "SELECT pg_has_role(current_user, %s, 'MEMBER')", (f"{database_url.database}_migrator",)
+        ).fetchone()
+    assert member == (True,)
+
+
+async def test_the_statement_sent_holds_the_hash_not_the_password(database_url: URL) -> None:
+    """What the server receives, and may log: the statement `create_roles` executes, as text."""
+    async with await roles._connect(settings_for(database_url)) as conn:
+        statement = roles.login_role_statement(conn, "someone", APP_PASSWORD, exists=False)
+        sent = statement.as_string(conn)
+    assert APP_PASSWORD not in sent
+    assert APP_PASSWORD.replace("'", "''") not in sent
+    assert sent.startswith('CREATE ROLE "someone" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE')
+    assert "PASSWORD 'SCRAM-SHA-256$4096:" in sent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import make_url
 
 from dblayer.settings import Settings, SettingsError, get_settings
@@ -220,7 +220,7 @@ def test_the_migration_url_defaults_to_the_apps(monkeypatch: pytest.MonkeyPatch)
     settings = get_settings()
     assert settings.migration_database_url is None
     assert settings.migration_url == settings.url
-    assert settings.for_migrations() is settings
+    assert settings.for_migrations().url == settings.url
 
 
 def test_migration_database_url_is_used_for_migrations_only(
@@ -279,3 +279,55 @@ def test_a_bad_migration_url_is_one_line_without_the_password(value: str, messag
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+def test_migrations_run_without_the_apps_timeouts() -> None:
+    """The app's statement, lock and idle timeouts would cancel a long backfill or an index build
+    on every deploy: migrations set their own `lock_timeout` per revision instead."""
+    settings = get_settings(
+        db_statement_timeout=0.001, db_lock_timeout=0.5, db_idle_in_transaction_timeout=60
+    )
+    for migrating in (
+        settings.for_migrations(),
+        settings.model_copy(
+            update={"migration_database_url": SecretStr("postgresql://m:hunter2@db/app")}
+        ).for_migrations(),
+    ):
+        assert migrating.db_statement_timeout is None
+        assert migrating.db_lock_timeout is None
+        assert migrating.db_idle_in_transaction_timeout is None
+    assert settings.db_statement_timeout == 0.001  # the app's own are kept
+
+
+VERIFIED = "postgresql://shop_app:hunter2@db/shop?sslmode=verify-full&sslrootcert=/ca.crt"
+
+
+def test_the_migration_url_inherits_the_apps_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The most powerful login must not fall back to `prefer` because its URL says nothing."""
+    monkeypatch.setenv("DATABASE_URL", VERIFIED)
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", "postgresql://shop_migrator:s3cret@db/shop")
+    monkeypatch.setenv("DB_SSLCERT", "/client.crt")
+    assert get_settings().for_migrations().tls == {
+        "sslmode": "verify-full",
+        "sslrootcert": "/ca.crt",
+        "sslcert": "/client.crt",
+    }
+
+
+def test_the_migration_urls_own_tls_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", VERIFIED)
+    monkeypatch.setenv(
+        "MIGRATION_DATABASE_URL", "postgresql://shop_migrator:s3cret@db/shop?sslmode=require"
+    )
+    assert get_settings().for_migrations().tls == {"sslmode": "require"}
+
+
+def test_a_bad_migration_url_hint_names_its_own_variable() -> None:
+    with pytest.raises(SettingsError) as caught:
+        get_settings(migration_database_url="postgresql://u:hunter2@@h/db")
+    assert "POSTGRES_PASSWORD" not in str(caught.value)
+    with pytest.raises(SettingsError) as caught:
+        get_settings(database_url="postgresql://u:hunter2@@h/db")
+    assert str(caught.value) == (
+        "DATABASE_URL: unescaped '@' in the password; write %40 or use POSTGRES_PASSWORD"
+    )

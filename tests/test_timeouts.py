@@ -9,6 +9,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import URL, text
 from sqlalchemy.exc import DBAPIError
 
@@ -18,6 +20,7 @@ from dblayer.engine import connect_args, create_engine
 from dblayer.session import create_sessionmaker, session_scope
 from dblayer.settings import SettingsError, get_settings
 from tests.apps import client_for, settings_for
+from tests.paths import ROOT
 
 
 async def test_a_slow_statement_is_cancelled_and_the_pool_goes_on(database_url: URL) -> None:
@@ -211,3 +214,41 @@ async def test_a_request_whose_transaction_sat_idle_too_long_is_503_and_the_next
     assert "503 for GET /idle: " in caplog.text
     if driver == "psycopg":  # asyncpg finds the connection closed, without the server's error
         assert "sat idle past DB_IDLE_IN_TRANSACTION_TIMEOUT; the server ended it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (3000000, "Input should be less than or equal to 2147483.647"),  # the server's INT_MAX ms
+        ("inf", "Input should be a finite number"),
+        ("-inf", "Input should be a finite number"),
+        ("nan", "Input should be a finite number"),
+    ],
+)
+@pytest.mark.parametrize(
+    "name", ["db_statement_timeout", "db_idle_in_transaction_timeout", "db_lock_timeout"]
+)
+def test_a_timeout_beyond_what_the_server_takes_is_one_line(
+    name: str, value: Any, message: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        get_settings(**{name: value})
+    assert str(caught.value) == f"{name.upper()}: {message}"
+
+
+def test_the_largest_timeout_the_server_takes_is_accepted() -> None:
+    settings = get_settings(db_statement_timeout=2147483.647)
+    assert connect_args(settings)["server_settings"] == {"statement_timeout": "2147483647"}
+
+
+def test_alembic_migrates_without_the_apps_timeouts(
+    monkeypatch: pytest.MonkeyPatch, database_url: URL
+) -> None:
+    """The `alembic` command (migrations/env.py) connects with `for_migrations()`: a statement
+    timeout far too short for any migration is the app's alone."""
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    for name in ("DB_STATEMENT_TIMEOUT", "DB_LOCK_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT"):
+        monkeypatch.setenv(name, "0.001")
+    ini = Config(str(ROOT / "alembic.ini"))
+    command.downgrade(ini, "base")
+    command.upgrade(ini, "head")

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import secrets
 import sys
 
+from alembic.util import CommandError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from tenacity import (
     AsyncRetrying,
@@ -28,6 +31,7 @@ from tenacity import (
 from dblayer.engine import DatabaseUnavailableError, check_connection, create_engine
 from dblayer.migrate import current_revision, head_is_applied, head_revision, upgrade_with_lock
 from dblayer.repositories import TaskRepository, UserRepository
+from dblayer.retry import sqlstate
 from dblayer.services import DuplicateError, UserService
 from dblayer.session import create_sessionmaker, session_scope
 from dblayer.settings import SettingsError, get_settings
@@ -134,9 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, DatabaseUnavailableError) as error:
         print(f"prestart failed: {error}", file=sys.stderr)
         return 1
+    except DBAPIError as error:  # refused by the server: a migration, the seed
+        print(f"prestart failed: {_server_message(error)}", file=sys.stderr)
+        return 1
+    except CommandError as error:  # refused by Alembic: the version table, the revisions
+        print(f"prestart failed: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     for line in lines:
         print(line)
     return 0
+
+
+def _server_message(error: DBAPIError) -> str:
+    """The server's first message line and SQLSTATE, in the same words under both drivers (the
+    statement and its parameters, which may hold a password, are left out)."""
+    line = (str(error.orig).strip().splitlines() or ["unknown error"])[0]
+    line = re.sub(r"^<class '[\w.]+'>: ", "", line)  # asyncpg's, as SQLAlchemy wraps it
+    return f"{line} (SQLSTATE {sqlstate(error)})"
 
 
 if __name__ == "__main__":

@@ -2,8 +2,16 @@
 
 * the **migrator** owns the schema's tables and types: pre-start and `alembic` log in as it
   (`MIGRATION_DATABASE_URL`);
-* the **app** reads and writes rows and nothing else (no DDL, no TRUNCATE): the app logs in as it
-  (`DATABASE_URL`). `ALTER DEFAULT PRIVILEGES` grants it the tables the migrator makes later.
+* the **app** reads and writes rows and nothing else (no DDL, no TRUNCATE), and only reads
+  `alembic_version`: the app logs in as it (`DATABASE_URL`). `ALTER DEFAULT PRIVILEGES` grants it
+  the tables the migrator makes later.
+
+Neither role keeps a cluster-wide power (SUPERUSER, CREATEDB, CREATEROLE, BYPASSRLS, REPLICATION),
+even one it had before: the migrator needs only to own the schema's objects, and with any of
+those it could reach past its grants (a superuser or BYPASSRLS past every one, CREATEROLE to
+roles of its own). So neither may be the role this runs as, and the app may not be the database's
+owner (who may always create in its schema). The administrator stays a member of the migrator:
+it gives objects to it and sets its default privileges, now and whenever this runs again.
 
 Run it as the database's owner or a superuser (the `DATABASE_URL` or `POSTGRES_*` settings), once
 per database and again whenever you like: it changes only what differs. Not a migration: roles
@@ -19,6 +27,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -54,6 +63,27 @@ DEFAULT_PRIVILEGES = [
     "ALTER DEFAULT PRIVILEGES FOR ROLE {migrator} IN SCHEMA {schema}"
     " GRANT USAGE, SELECT ON SEQUENCES TO {app}",
 ]
+# The version table, before the migrator's first `alembic upgrade` would make it (and default
+# privileges would then grant the app its rows): Alembic's own DDL, which it takes as it is. In
+# the schema given, where Alembic keeps it when that schema comes first on the search_path.
+VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS {schema}.alembic_version (version_num VARCHAR(32) NOT NULL,"
+    " CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+)
+# The app reads it (`/ready`) and may not rewrite it: `alembic` would then skip or repeat
+# migrations.
+VERSION_TABLE_GRANTS = [
+    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {schema}.alembic_version FROM {app}",
+    "GRANT SELECT ON {schema}.alembic_version TO {app}",
+]
+# Cluster-wide powers, taken from both roles (see the module's docstring): pg_roles' columns.
+POWERS = {
+    "rolsuper": "SUPERUSER",
+    "rolcreatedb": "CREATEDB",
+    "rolcreaterole": "CREATEROLE",
+    "rolbypassrls": "BYPASSRLS",
+    "rolreplication": "REPLICATION",
+}
 # --8<-- [end:grants]
 
 # --8<-- [start:adopt]
@@ -64,14 +94,15 @@ OBJECTS_TO_ADOPT = """
 SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW'
                       WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END, c.relname
 FROM pg_class c
-WHERE c.relnamespace = to_regnamespace(%(schema)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+WHERE c.relnamespace = to_regnamespace(quote_ident(%(schema)s))  -- quoted: MySchema, not myschema
+  AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
   AND pg_get_userbyid(c.relowner) <> %(migrator)s
   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                   AND d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))
 UNION ALL
 SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, t.typname
 FROM pg_type t
-WHERE t.typnamespace = to_regnamespace(%(schema)s) AND t.typtype IN ('e', 'd')
+WHERE t.typnamespace = to_regnamespace(quote_ident(%(schema)s)) AND t.typtype IN ('e', 'd')
   AND pg_get_userbyid(t.typowner) <> %(migrator)s
   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
                   AND d.objid = t.oid AND d.deptype = 'e')
@@ -93,6 +124,7 @@ async def create_roles(
     """Create (or update) both roles on the database `settings` name, as its administrator, in
     one transaction; returns what it did, one line per step, without passwords."""
     async with await _connect(settings) as conn, conn.transaction():
+        await _check_names(conn, migrator, app)
         lines = [
             f"migrator: {await _login_role(conn, migrator, migrator_password)}",
             f"app: {await _login_role(conn, app, app_password)}",
@@ -108,6 +140,7 @@ async def create_roles(
         for statement in SCHEMA_GRANTS:  # before OWNER TO: an owner needs CREATE on the schema
             await conn.execute(sql.SQL(statement).format(**names))
         await _check_schema(conn, app, schema)
+        await conn.execute(sql.SQL(VERSION_TABLE).format(**names))
         cursor = await conn.execute(OBJECTS_TO_ADOPT, {"schema": schema, "migrator": migrator})
         adopted = await cursor.fetchall()
         for kind, name in adopted:
@@ -116,12 +149,13 @@ async def create_roles(
                     sql.SQL(kind), names["schema"], sql.Identifier(name), names["migrator"]
                 )
             )
-        for statement in TABLE_GRANTS + DEFAULT_PRIVILEGES:
+        for statement in TABLE_GRANTS + DEFAULT_PRIVILEGES + VERSION_TABLE_GRANTS:
             await conn.execute(sql.SQL(statement).format(**names))
     return [
         *lines,
         f"migrator: owns the tables and types of schema {schema} ({len(adopted)} given to it now)",
         "app: SELECT, INSERT, UPDATE, DELETE on them, and on the tables the migrator makes later",
+        "app: only SELECT on alembic_version, which the migrator owns",
     ]
 
 
@@ -136,17 +170,52 @@ async def _check_schema(conn: psycopg.AsyncConnection[Any], app: str, schema: st
         )
 
 
-async def _login_role(conn: psycopg.AsyncConnection[Any], role: str, password: str) -> str:
-    """CREATE ROLE, or ALTER ROLE when it exists; the password sent as libpq's SCRAM hash."""
-    hashed = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
-    cursor = await conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (role,))
-    verb = "ALTER" if await cursor.fetchone() is not None else "CREATE"
-    await conn.execute(
-        sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
-            sql.SQL(verb), sql.Identifier(role), sql.Literal(hashed.decode())
-        )
+async def _check_names(conn: psycopg.AsyncConnection[Any], migrator: str, app: str) -> None:
+    """Refuse roles that would keep powers this takes from them: see the module's docstring."""
+    cursor = await conn.execute(
+        "SELECT current_user, pg_get_userbyid(datdba) FROM pg_database"
+        " WHERE datname = current_database()"
     )
-    return "existed, password set" if verb == "ALTER" else "created"
+    current, owner = await cursor.fetchone() or ("", "")
+    if app == migrator:
+        raise RolesError("the app role must not be the migrator: name two different roles")
+    for kind, role in (("the app role", app), ("the migrator", migrator)):
+        if role == current:
+            raise RolesError(f"{kind} must not be {role}, the role this runs as: name another")
+    if app == owner:
+        raise RolesError(f"the app role must not be {app}, the database's owner: name another")
+
+
+async def _login_role(conn: psycopg.AsyncConnection[Any], role: str, password: str) -> str:
+    """CREATE ROLE, or ALTER ROLE when it exists: LOGIN, the password, no cluster-wide power."""
+    columns = sql.SQL(", ").join(map(sql.Identifier, POWERS))
+    query = sql.SQL("SELECT {} FROM pg_roles WHERE rolname = %s").format(columns)
+    held = await (await conn.execute(query, (role,))).fetchone()
+    # Only the powers it has: naming one may need that power (SUPERUSER needs a superuser).
+    powers = [power for power, has in zip(POWERS.values(), held or (), strict=False) if has]
+    await conn.execute(
+        login_role_statement(conn, role, password, exists=held is not None, powers=powers)
+    )
+    return "existed, password set" if held is not None else "created"
+
+
+def login_role_statement(
+    conn: psycopg.AsyncConnection[Any],
+    role: str,
+    password: str,
+    *,
+    exists: bool,
+    powers: Iterable[str] = POWERS.values(),
+) -> sql.Composed:
+    """The statement sent: the password as libpq's SCRAM-SHA-256 hash (as psql's `\\password`
+    sends it), so the server's log and `pg_stat_activity` never hold it in clear."""
+    hashed = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
+    return sql.SQL("{} ROLE {} LOGIN {}PASSWORD {}").format(
+        sql.SQL("ALTER" if exists else "CREATE"),
+        sql.Identifier(role),
+        sql.SQL("".join(f"NO{power} " for power in powers)),
+        sql.Literal(hashed.decode()),
+    )
     # --8<-- [end:create_roles]
 
 

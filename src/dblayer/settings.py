@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -45,6 +45,12 @@ class SettingsError(ValueError):
 
 
 # --8<-- [start:settings]
+# The server keeps its timeouts in milliseconds as an int: 2147483.647 s is the most it takes.
+Timeout = Annotated[float, Field(gt=0, le=2147483.647, allow_inf_nan=False)]
+# The app's timeouts, which migrations run without (see `Settings.for_migrations`).
+APP_TIMEOUTS = ("db_statement_timeout", "db_lock_timeout", "db_idle_in_transaction_timeout")
+
+
 class Settings(BaseSettings):
     """Where the database is and how to talk to it. Every field has an environment variable."""
 
@@ -74,13 +80,13 @@ class Settings(BaseSettings):
     db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
     # Seconds a statement may run before the server cancels it (SQLSTATE 57014; the API answers
     # 503). Unset: the server's own statement_timeout.
-    db_statement_timeout: Annotated[float, Field(gt=0)] | None = None
+    db_statement_timeout: Timeout | None = None
     # Seconds a transaction may sit idle before the server ends its session (SQLSTATE 25P03): a
     # transaction left open by mistake stops holding locks. Unset: the server's own setting.
-    db_idle_in_transaction_timeout: Annotated[float, Field(gt=0)] | None = None
+    db_idle_in_transaction_timeout: Timeout | None = None
     # Seconds a statement may wait for a lock (behind a migration's DDL) before the server
     # cancels it (SQLSTATE 55P03; the API answers 503). Unset: the server's own lock_timeout.
-    db_lock_timeout: Annotated[float, Field(gt=0)] | None = None
+    db_lock_timeout: Timeout | None = None
     # TLS in libpq's words; DATABASE_URL's own ?sslmode=... wins, as over PGSSLMODE in libpq.
     db_sslmode: SSLMode | None = None  # unset: the drivers' default, prefer
     db_sslrootcert: str | None = None  # the CA file that verify-ca and verify-full check against
@@ -125,9 +131,11 @@ class Settings(BaseSettings):
 
     @field_validator("database_url", "migration_database_url")
     @classmethod
-    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+    def _check_database_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is not None and value.get_secret_value().strip():
-            _parse_database_url(value.get_secret_value())
+            # DATABASE_URL's password may move to POSTGRES_PASSWORD; the migrations' has no other.
+            hint = "or use POSTGRES_PASSWORD" if info.field_name == "database_url" else ""
+            _parse_database_url(value.get_secret_value(), hint)
             return value
         return None  # an empty DATABASE_URL= line means "not set"
 
@@ -172,11 +180,21 @@ class Settings(BaseSettings):
 
     # --8<-- [start:migration_url]
     def for_migrations(self) -> Settings:
-        """These settings with the migrations' URL as the database URL (TLS from its own query):
-        what prestart and alembic build their engine from. Unset: these settings, as they are."""
-        if self.migration_database_url is None:
-            return self
-        return self.model_copy(update={"database_url": self.migration_database_url})
+        """These settings as prestart and alembic build their engine from: the migrations' URL
+        (unset: the app's), without the app's timeouts, TLS as the app's unless it says its own.
+
+        The app's statement, lock and idle timeouts would cancel a long backfill or an index build
+        on every deploy: each revision sets the `lock_timeout` it needs itself (see 0002, 0003).
+        `MIGRATION_DATABASE_URL` with no TLS parameter in its query takes `DATABASE_URL`'s: the
+        most powerful login must not fall back to `prefer` (`DB_SSL*` apply to both anyway)."""
+        update: dict[str, object] = dict.fromkeys(APP_TIMEOUTS)
+        if self.migration_database_url is not None:
+            update["database_url"] = self.migration_database_url
+            own = _parse_database_url(self.migration_database_url.get_secret_value()).query
+            if self.database_url is not None and not any(name in own for name in TLS_PARAMETERS):
+                query = _parse_database_url(self.database_url.get_secret_value()).query
+                update |= {f"db_{name}": query[name] for name in TLS_PARAMETERS if name in query}
+        return self.model_copy(update=update)
 
     @property
     def migration_url(self) -> URL:
@@ -191,12 +209,13 @@ class Settings(BaseSettings):
         return "psycopg" if name == "psycopg" else "asyncpg"
 
 
-def _parse_database_url(raw: str) -> URL:
-    """Parse `DATABASE_URL` and refuse what would fail later with a worse message.
+def _parse_database_url(raw: str, hint: str = "") -> URL:
+    """Parse `DATABASE_URL` and refuse what would fail later with a worse message; `hint` ends
+    the messages about the password (another place to put it).
 
     Messages never quote the URL: only the scheme, which comes before the credentials.
     """
-    hint = "or use POSTGRES_PASSWORD"
+    hint = f" {hint}" if hint else ""
     try:
         url = make_url(raw.strip())
     except ArgumentError:
@@ -204,12 +223,12 @@ def _parse_database_url(raw: str) -> URL:
             "not a URL; expected postgresql://user:password@host:5432/dbname"
         ) from None
     except ValueError:  # the text after the last ':' before the host was not a port number
-        raise ValueError(f"bad port; percent-encode @:/ in the password {hint}") from None
+        raise ValueError(f"bad port; percent-encode @:/ in the password{hint}") from None
     if url.drivername not in _SCHEMES:
         raise ValueError(f"unsupported {url.drivername!r}; use postgresql+asyncpg or +psycopg")
     if url.host is not None and "@" in url.host:
         # `postgresql://u:p@ss@host/db`: part of the password landed in the host; print neither.
-        raise ValueError(f"unescaped '@' in the password; write %40 {hint}")
+        raise ValueError(f"unescaped '@' in the password; write %40{hint}")
     if not url.host and "host" not in url.query:
         raise ValueError("no host; expected postgresql://user:password@host:5432/dbname")
     if not url.database:
