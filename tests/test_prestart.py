@@ -164,7 +164,9 @@ WAITING = """SELECT count(DISTINCT pid) FROM pg_stat_activity WHERE datname = %s
                AND (wait_event_type = 'Lock' OR (state = 'idle' AND query LIKE 'COMMIT%%'))"""
 
 
-@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize(
+    "round_", [0, *(pytest.param(n, marks=pytest.mark.slow) for n in range(1, 5))]
+)  # CI: five rounds
 def test_replicas_starting_at_once_migrate_once(
     databases: Databases, driver: Driver, round_: int
 ) -> None:

@@ -69,6 +69,7 @@ def playwright() -> Iterator[Playwright]:
         yield running
 
 
+@pytest.mark.slow
 @BROWSER_TIMEOUT
 def test_every_page_in_a_browser(browser_path: str, playwright: Playwright, tmp_path: Path) -> None:
     """Build the site strictly, open every page in Chromium with no network, and find nothing a
@@ -98,6 +99,7 @@ def test_every_page_in_a_browser(browser_path: str, playwright: Playwright, tmp_
     )
 
 
+@pytest.mark.slow
 @BROWSER_TIMEOUT
 def test_planted_faults_are_caught(
     browser_path: str, playwright: Playwright, tmp_path: Path
