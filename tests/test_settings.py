@@ -331,3 +331,18 @@ def test_a_bad_migration_url_hint_names_its_own_variable() -> None:
     assert str(caught.value) == (
         "DATABASE_URL: unescaped '@' in the password; write %40 or use POSTGRES_PASSWORD"
     )
+
+
+@pytest.mark.parametrize("timeout", ["db_statement_timeout", "db_lock_timeout"])
+def test_external_pooler_refuses_the_timeouts_sent_at_connect(timeout: str) -> None:
+    """PgBouncer refuses them as startup parameters ("unsupported startup parameter"), and with
+    `ignore_startup_parameters` it would drop them silently: said once, at start, in one line."""
+    with pytest.raises(SettingsError) as caught:
+        get_settings(database_url="postgresql://u:p@h/db", db_external_pooler=True, **{timeout: 5})
+    assert str(caught.value) == (
+        f"DB_EXTERNAL_POOLER: PgBouncer refuses {timeout.upper()} (sent as a startup parameter); "
+        "set it on the server instead: ALTER ROLE … SET statement_timeout (or lock_timeout, "
+        "idle_in_transaction_session_timeout)"
+    )
+    assert get_settings(db_external_pooler=True).db_external_pooler
+    assert get_settings(**{timeout: 5}).for_migrations().db_external_pooler is False

@@ -119,6 +119,20 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("db_external_pooler")
+    @classmethod
+    def _no_startup_timeouts(cls, value: bool, info: ValidationInfo) -> bool:
+        # PgBouncer answers "unsupported startup parameter" to the timeouts `connect_args` sends,
+        # and with `ignore_startup_parameters` would drop them silently (docs/scaling-pgbouncer.md).
+        given = [name for name in APP_TIMEOUTS if info.data.get(name) is not None]
+        if value and given:
+            raise ValueError(
+                f"PgBouncer refuses {given[0].upper()} (sent as a startup parameter); set it on "
+                "the server instead: ALTER ROLE … SET statement_timeout (or lock_timeout, "
+                "idle_in_transaction_session_timeout)"
+            )
+        return value
+
     @field_validator("db_cursor_secret")
     @classmethod
     def _long_cursor_secret(cls, value: SecretStr | None) -> SecretStr | None:
