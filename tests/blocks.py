@@ -12,6 +12,8 @@ a server with trust authentication it is skipped with one line, not exempted.
 
 `needs="tls"` (no reason needed) runs the block on a server with TLS on: see `FenceSettings`.
 
+`needs="pgbouncer"` (no reason needed) runs the block through PgBouncer: see `FenceSettings`.
+
 Writing blocks that pytest-examples can keep up to date (learned the hard way):
 
 * prints must run in the order they stand in the source (it inserts the outputs in that order);
@@ -41,7 +43,11 @@ _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
-_NEEDS = {"password-auth", "tls"}  # what a reader's server may not offer (see the docstring)
+_NEEDS = {
+    "password-auth",
+    "tls",
+    "pgbouncer",
+}  # what a reader's server may not offer (see the docstring)
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -86,6 +92,13 @@ class FenceSettings:
     xdist worker, started when its first such block runs, so the fixed name `app` never clashes:
     the two drivers' runs of a block, when at once, are on two servers. Where no PostgreSQL built
     with OpenSSL is found the block is skipped with one line (REQUIRE_TLS_TEST makes it a failure).
+
+    `needs="pgbouncer"` (no reason needed) runs the block (python or console) in its own fresh
+    database as usual, with `DATABASE_URL` pointing at it through PgBouncer in transaction mode
+    (`dblayer.pgbouncer`; one per xdist worker, started when its first such block runs, in front
+    of the run's server, every database reachable through its `*` wildcard) and
+    `MIGRATION_DATABASE_URL` at it on the server directly. Where PgBouncer is not installed the
+    block is skipped with one line (REQUIRE_PGBOUNCER_TEST makes it a failure).
     """
 
     drivers: tuple[Driver, ...] = DRIVERS

@@ -16,10 +16,12 @@ from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from dblayer.engine import create_engine
+from dblayer.pgbouncer import PgBouncer
 from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
 from tests.blocks import apply_console_updates
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.pgbouncer import serve_pgbouncer
 from tests.tls import TLSDatabases, serve_tls_databases
 
 pytest_plugins = ["tests.report"]  # the run report: what ran, the summary, the site's record
@@ -153,6 +155,15 @@ def tls_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDatab
     template; skipped in one line where no PostgreSQL has OpenSSL."""
     with serve_tls_databases(tmp_path_factory.mktemp("tls")) as databases:
         yield databases
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(server: Server) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the run's server (the pages' `needs="pgbouncer"`
+    blocks, tests/test_pgbouncer.py): started on first use in each xdist worker; skipped in one
+    line where it is not installed (REQUIRE_PGBOUNCER_TEST makes that a failure)."""
+    with serve_pgbouncer(server.admin_url) as bouncer:
+        yield bouncer
 
 
 @pytest.fixture(scope="session")

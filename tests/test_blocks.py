@@ -67,6 +67,16 @@ def test_fence_settings() -> None:
     assert both.needs == ("tls", "password-auth")
 
 
+def test_fence_needs_pgbouncer() -> None:
+    """`needs="pgbouncer"`: the block runs (no reason asked) through PgBouncer."""
+    bouncer = FenceSettings.parse('{.python needs="pgbouncer"}', "x")
+    assert (bouncer.needs, bouncer.exempt) == (("pgbouncer",), False)
+    console = FenceSettings.parse('{.console needs="pgbouncer"}', "x")
+    assert console.needs == ("pgbouncer",)
+    with pytest.raises(ValueError, match="needs= takes"):
+        FenceSettings.parse('{.python needs="pgbouncr"}', "x")
+
+
 def page(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "page.md"
     path.write_text(text)

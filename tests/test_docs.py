@@ -22,6 +22,7 @@ import pytest
 from pytest_examples import CodeExample, EvalExample
 
 from dblayer.models.diagram import er_diagram
+from dblayer.pgbouncer import PgBouncer
 from dblayer.settings import DRIVERS, Driver
 from tests.blocks import (
     CONSOLE_UPDATES,
@@ -106,6 +107,13 @@ def _database(
         name: str = request.getfixturevalue("fresh_database")
         url = databases.url(name, driver).render_as_string(hide_password=False)
         environment = {"DATABASE_URL": url}
+        if "pgbouncer" in settings.needs:  # see FenceSettings; skips where it is not installed
+            bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+            through = bouncer.url(databases.url(name, driver))
+            environment = {
+                "DATABASE_URL": through.render_as_string(hide_password=False),
+                "MIGRATION_DATABASE_URL": url,
+            }
         server = databases.server
     return environment, server.admin_url.render_as_string(hide_password=False)
 

@@ -19,6 +19,7 @@ import argparse
 import atexit
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -62,9 +63,14 @@ def find_pgbouncer(path: str | None = None) -> Path:
 def scram_secrets(admin_url: URL, roles: list[str]) -> dict[str, str]:
     """The roles' stored password verifiers (`pg_authid.rolpassword`), read as a superuser: what
     PgBouncer's `auth_file` takes, in place of the passwords."""
-    from dblayer.testing import connect  # psycopg, autocommit, password kept out of errors
-
-    with connect(admin_url) as conn:
+    with psycopg.connect(  # keyword arguments: no escaping, no password in an error
+        host=admin_url.host,
+        port=admin_url.port,
+        user=admin_url.username,
+        password=admin_url.password if isinstance(admin_url.password, str) else None,
+        dbname=admin_url.database or "postgres",
+        connect_timeout=10,
+    ) as conn:
         rows = conn.execute(
             "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)", (roles,)
         ).fetchall()
@@ -151,10 +157,11 @@ class PgBouncer:
             uid, gid = _ids(self.run_as)
             try:
                 self._write_files(directory, uid, gid)
+                output = (directory / "output.log").open("wb")  # what it says before logging
                 self._process = process = subprocess.Popen(  # noqa: S603 - the pgbouncer program
                     [str(self.executable), str(directory / "pgbouncer.ini")],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
                     # Ctrl-C in the terminal reaches us, and we stop it cleanly.
                     start_new_session=True,
                     user=uid,
@@ -162,6 +169,7 @@ class PgBouncer:
                     extra_groups=[] if os.geteuid() == 0 else None,
                     cwd=directory,
                 )
+                output.close()  # the child has it
                 self._wait_for_port(process, directory, timeout)
             except BaseException:
                 self._stop()
@@ -223,10 +231,17 @@ class PgBouncer:
 
 
 def _last_line(directory: Path) -> str:
-    """The last line of PgBouncer's log: why it stopped."""
-    log = directory / "pgbouncer.log"
-    text = log.read_text(errors="replace").strip() if log.exists() else ""
-    return text.splitlines()[-1] if text else "(no log)"
+    """Why PgBouncer stopped: the first error it wrote (in its log, or before it had one in its
+    output), without the time stamp; else its last line."""
+    lines = [
+        line
+        for name in ("output.log", "pgbouncer.log")
+        if (directory / name).exists()
+        for line in (directory / name).read_text(errors="replace").splitlines()
+        if line.strip()
+    ]
+    errors = [m.group(0) for line in lines if (m := re.search(r"\b(?:ERROR|FATAL) .*", line))]
+    return errors[0] if errors else lines[-1] if lines else "(no log)"
 
 
 def _ids(user: str) -> tuple[int, int]:
@@ -262,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bouncer = for_server(url, port=args.port)
     except (PgBouncerError, psycopg.Error) as exc:
-        print(exc, file=sys.stderr)
+        print(str(exc).strip().splitlines()[0], file=sys.stderr)
         return 1
     stopped = threading.Event()
     previous = {

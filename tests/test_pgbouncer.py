@@ -1,0 +1,175 @@
+"""dblayer.pgbouncer: PgBouncer started in front of the run's server, and always stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import make_url, text
+
+from dblayer import pgbouncer as module
+from dblayer.engine import create_engine
+from dblayer.pgbouncer import NOT_INSTALLED, PgBouncer, PgBouncerError, find_pgbouncer, for_server
+from dblayer.settings import Driver, get_settings
+from tests.databases import Databases, Server
+from tests.pgbouncer import require_pgbouncer
+
+
+def test_config_is_transaction_mode_on_loopback_with_a_wildcard(tmp_path: Path) -> None:
+    bouncer = PgBouncer(
+        "127.0.0.1",
+        5999,
+        users={'we"ird': "SCRAM-SHA-256$4096:abc"},
+        port=6001,
+        settings={"default_pool_size": "3"},
+        executable=Path("/bin/false"),
+    )
+    ini = bouncer.config(tmp_path)
+    assert "[databases]\n* = host=127.0.0.1 port=5999\n" in ini
+    for line in [
+        "listen_addr = 127.0.0.1",
+        "listen_port = 6001",
+        "auth_type = scram-sha-256",
+        "pool_mode = transaction",
+        'admin_users = we"ird',
+        "default_pool_size = 3",
+        f"logfile = {tmp_path / 'pgbouncer.log'}",
+    ]:
+        assert f"\n{line}\n" in ini
+    assert repr(bouncer) == "PgBouncer(127.0.0.1:5999, stopped)"
+    assert module._quote('we"ird') == '"we""ird"'
+
+
+def test_trust_where_the_url_has_no_password() -> None:
+    require_pgbouncer()
+    bouncer = for_server(make_url("postgresql://app@127.0.0.1:5999/app"))
+    assert (bouncer.users, bouncer.auth_type) == ({"app": ""}, "trust")
+
+
+def test_not_installed_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(module, "_SEARCH_PATH", ())
+    with pytest.raises(PgBouncerError) as caught:
+        find_pgbouncer(str(tmp_path))
+    assert (
+        str(caught.value)
+        == NOT_INSTALLED
+        == ("PgBouncer is not installed: apt-get install pgbouncer (Debian, Ubuntu)")
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("REQUIRE_PGBOUNCER_TEST", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install pgbouncer"):
+        require_pgbouncer()
+    monkeypatch.setenv("REQUIRE_PGBOUNCER_TEST", "1")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install pgbouncer"):
+        require_pgbouncer()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_the_engine_connects_through_it(
+    pgbouncer: PgBouncer, databases: Databases, fresh_database: str, driver: Driver
+) -> None:
+    """SCRAM from the client to PgBouncer, and from PgBouncer to the server with the client's
+    proof: no password written anywhere."""
+    url = pgbouncer.url(databases.url(fresh_database, driver))
+    assert url.port == pgbouncer.port
+    settings = get_settings(
+        database_url=url.render_as_string(hide_password=False), db_external_pooler=True
+    )
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT current_database()")) == fresh_database
+    finally:
+        await engine.dispose()
+    assert pgbouncer.start() is pgbouncer  # a second start: the same, still running
+    assert repr(pgbouncer).endswith(f"port={pgbouncer.port})")
+
+
+def test_stopped_after_an_error_in_the_block(server: Server) -> None:
+    require_pgbouncer()
+    directories: list[Path | None] = []
+    b = for_server(server.admin_url)
+    with pytest.raises(RuntimeError, match="the block failed"), b:
+        directories.append(b._dir)
+        raise RuntimeError("the block failed")
+    assert not b.running
+    assert directories[0] is not None
+    assert not directories[0].exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=b.port, connect_timeout=2)
+    b.stop()  # twice: nothing to do
+
+
+def test_a_refused_config_fails_in_one_line_and_leaves_nothing(server: Server) -> None:
+    require_pgbouncer()
+    bouncer = for_server(server.admin_url, settings={"pool_mode": "sometimes"})
+    with pytest.raises(
+        PgBouncerError,
+        match=r'^pgbouncer exited: ERROR invalid value "sometimes" for parameter pool_mode',
+    ):
+        bouncer.start()
+    assert not bouncer.running
+    assert bouncer._dir is None
+
+
+def test_a_port_that_never_opens_times_out(server: Server) -> None:
+    require_pgbouncer()
+    bouncer = for_server(server.admin_url)
+    with pytest.raises(PgBouncerError, match=r"did not listen on port \d+ in 0 s"):
+        bouncer.start(timeout=0)
+    assert not bouncer.running
+
+
+def test_last_line_without_a_log(tmp_path: Path) -> None:
+    assert module._last_line(tmp_path) == "(no log)"
+    (tmp_path / "pgbouncer.log").write_text("LOG one\nLOG two\n\n")
+    assert module._last_line(tmp_path) == "LOG two"
+
+
+@pytest.mark.usefixtures("subprocess_coverage")
+def test_main_runs_until_ctrl_c(server: Server) -> None:
+    require_pgbouncer()
+    url = server.admin_url.set(drivername="postgresql+psycopg")
+    with subprocess.Popen(
+        [sys.executable, "-m", "dblayer.pgbouncer", url.render_as_string(hide_password=False)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        _talk_and_interrupt(process)
+
+
+def _talk_and_interrupt(process: subprocess.Popen[str]) -> None:
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("DATABASE_URL=postgresql+psycopg://")
+        through = make_url(line.removeprefix("DATABASE_URL="))
+        with psycopg.connect(
+            host=through.host,
+            port=through.port,
+            user=through.username,
+            password=through.password if isinstance(through.password, str) else None,
+            dbname="postgres",
+            prepare_threshold=None,
+        ) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:  # pragma: no cover - only when the test failed
+            process.kill()
+            process.wait()
+
+
+def test_main_says_why_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    require_pgbouncer()
+    assert module.main(["postgresql://u:secret@127.0.0.1:1/db"]) == 1
+    err = capsys.readouterr().err
+    assert "secret" not in err
+    assert "127.0.0.1" in err
+    assert os.linesep not in err.strip()
