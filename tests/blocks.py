@@ -59,6 +59,7 @@ _NORMALISE = [
     (re.compile(r"127\.0\.0\.1:(?!1\b)\d+"), "127.0.0.1:<port>"),  # port 1 is the refused one
     (re.compile(r"\blocalhost:\d+"), "localhost:<port>"),  # the TLS server's (needs="tls")
     (re.compile(r"\bTLSv1\.[23]\b"), "TLSv1.<minor>"),  # what the server's OpenSSL negotiates
+    (re.compile(r"__asyncpg_stmt_[0-9a-f]+__"), "__asyncpg_stmt_<n>__"),  # a per-process counter
 ]
 
 

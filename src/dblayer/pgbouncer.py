@@ -123,6 +123,7 @@ class PgBouncer:
         """`server_url` (a database of the server, its user and password) through PgBouncer."""
         return server_url.set(host="127.0.0.1", port=self.port)
 
+    # --8<-- [start:config]
     def config(self, directory: Path) -> str:
         """The generated `pgbouncer.ini`."""
         settings = {
@@ -145,6 +146,7 @@ class PgBouncer:
             *(f"{name} = {value}" for name, value in settings.items()),
         ]
         return "\n".join(lines) + "\n"
+        # --8<-- [end:config]
 
     def start(self, timeout: float = 10) -> PgBouncer:
         """Write the files in a new temporary directory, start PgBouncer, wait for its port."""
