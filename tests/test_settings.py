@@ -126,6 +126,8 @@ def test_the_password_is_hidden_everywhere() -> None:
         ({"postgres_port": 70000}, "POSTGRES_PORT: Input should be less than or equal to 65535"),
         ({"db_pool_size": 0}, "DB_POOL_SIZE: Input should be greater than or equal to 1"),
         ({"db_connect_timeout": 0}, "DB_CONNECT_TIMEOUT: Input should be greater than 0"),
+        ({"db_connect_timeout": "inf"}, "DB_CONNECT_TIMEOUT: Input should be a finite number"),
+        ({"db_pool_timeout": "nan"}, "DB_POOL_TIMEOUT: Input should be a finite number"),
         (
             {"database_url": "postgresql://u:hunter2@h/db?sslmode=on"},
             "DATABASE_URL: sslmode must be disable, allow, prefer, require, verify-ca or "

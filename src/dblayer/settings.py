@@ -45,6 +45,7 @@ class SettingsError(ValueError):
 
 
 # --8<-- [start:settings]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a wait on our side: finite, > 0
 # The server keeps its timeouts in milliseconds as an int: 2147483.647 s is the most it takes.
 Timeout = Annotated[float, Field(gt=0, le=2147483.647, allow_inf_nan=False)]
 # The app's timeouts, which migrations run without (see `Settings.for_migrations`).
@@ -77,7 +78,7 @@ class Settings(BaseSettings):
     db_echo: bool = False  # log every SQL statement (development only)
     db_hide_parameters: bool = True  # keep bound values (a password hash, an email) out of logs
     # and error messages; set false while debugging
-    db_connect_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds: fail fast, name the host
+    db_connect_timeout: Seconds = 10.0  # seconds: fail fast, name the host
     # Seconds a statement may run before the server cancels it (SQLSTATE 57014; the API answers
     # 503). Unset: the server's own statement_timeout.
     db_statement_timeout: Timeout | None = None
@@ -96,7 +97,7 @@ class Settings(BaseSettings):
     # --8<-- [start:pool_settings]
     db_pool_size: Annotated[int, Field(ge=1)] = 5  # connections kept open
     db_max_overflow: int = 10  # extra connections under load, closed when returned
-    db_pool_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds to wait for a free connection
+    db_pool_timeout: Seconds = 30.0  # seconds to wait for a free connection
     db_pool_recycle: Annotated[int, Field(ge=-1)] = 1800  # seconds; -1 never recycles
     db_pool_pre_ping: bool = True  # test a connection before handing it out
     db_pool_use_lifo: bool = False  # reuse the most recent connection, let idle ones time out
