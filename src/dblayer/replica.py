@@ -23,6 +23,11 @@ class EmbeddedReplica(EmbeddedPostgres):
     """
 
     def __init__(self, primary: EmbeddedPostgres, *, port: int | None = None) -> None:
+        if not (primary.binaries.bindir / "pg_basebackup").exists():
+            raise EmbeddedPostgresError(
+                f"{primary.binaries.source} has no pg_basebackup (npm's packages ship the server "
+                "only): use pgserver's 16 or the system's PostgreSQL for a replica"
+            )
         if not primary.running:
             raise EmbeddedPostgresError("a replica needs its primary running: start it first")
         super().__init__(
