@@ -12,6 +12,8 @@ a server with trust authentication it is skipped with one line, not exempted.
 
 `needs="tls"` (no reason needed) runs the block on a server with TLS on: see `FenceSettings`.
 
+`needs="replica"` (no reason needed) runs it on a primary with a streaming replica: ditto.
+
 Writing blocks that pytest-examples can keep up to date (learned the hard way):
 
 * prints must run in the order they stand in the source (it inserts the outputs in that order);
@@ -41,7 +43,7 @@ _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
-_NEEDS = {"password-auth", "tls"}  # what a reader's server may not offer (see the docstring)
+_NEEDS = {"password-auth", "tls", "replica"}  # what a reader's server may not offer (see the docstring)
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -86,6 +88,13 @@ class FenceSettings:
     xdist worker, started when its first such block runs, so the fixed name `app` never clashes:
     the two drivers' runs of a block, when at once, are on two servers. Where no PostgreSQL built
     with OpenSSL is found the block is skipped with one line (REQUIRE_TLS_TEST makes it a failure).
+
+    `needs="replica"` (no reason needed) runs the block on a primary with a streaming replica
+    (`tests/replica.py`; the run's own pair, one per xdist worker, even with TEST_DATABASE_URL),
+    in a fresh migrated database on the primary which the replica has replayed before the block
+    starts: `DATABASE_URL` names it on the primary, `DATABASE_REPLICA_URL` on the replica, both as
+    the superuser of this dedicated pair (so a block may pause the replica's WAL replay; the
+    harness resumes it before the next block).
     """
 
     drivers: tuple[Driver, ...] = DRIVERS

@@ -20,6 +20,7 @@ from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
 from tests.blocks import apply_console_updates
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.replica import ReplicaDatabases, serve_replica_databases
 from tests.tls import TLSDatabases, serve_tls_databases
 
 pytest_plugins = ["tests.report"]  # the run report: what ran, the summary, the site's record
@@ -157,6 +158,15 @@ def tls_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDatab
     uses otherwise: started when the first such block runs (in each xdist worker), with its own
     template; skipped in one line where no PostgreSQL has OpenSSL."""
     with serve_tls_databases(tmp_path_factory.mktemp("tls")) as databases:
+        yield databases
+
+
+@pytest.fixture(scope="session")
+def replica_databases() -> Iterator[ReplicaDatabases]:
+    """A primary with a streaming replica (tests/replica.py), for the pages' `needs="replica"`
+    blocks and tests/test_routing.py, whichever server the run uses otherwise: started on first
+    use (in each xdist worker), stopped at the end."""
+    with serve_replica_databases() as databases:
         yield databases
 
 

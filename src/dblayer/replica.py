@@ -78,4 +78,3 @@ class EmbeddedReplica(EmbeddedPostgres):
 def _escaped(server: EmbeddedPostgres) -> str:
     r"""The password as a passfile field: `\` and `:` escaped with a backslash."""
     return server.password.replace("\\", "\\\\").replace(":", "\\:")
-
