@@ -43,7 +43,8 @@ _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
-_NEEDS = {"password-auth", "tls", "replica"}  # what a reader's server may not offer (see the docstring)
+# What a reader's server may not offer (see the docstring).
+_NEEDS = {"password-auth", "tls", "replica"}
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [

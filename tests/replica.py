@@ -86,4 +86,3 @@ def serve_replica_databases() -> Iterator[ReplicaDatabases]:
             yield ReplicaDatabases(primary, replica, databases)
         finally:
             databases.teardown()
-

