@@ -27,10 +27,8 @@ CATCH_UP_SECONDS = 30
 def replica_binaries() -> Binaries:
     """The first binaries here with `pg_basebackup`: the run's, pgserver's, the system's."""
     system = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    candidates = [lambda: find_binaries(major=requested_major()), find_binaries]
-    candidates += [lambda bindir=bindir: find_binaries(bindir) for bindir in system]
-    for candidate in candidates:
-        binaries = candidate()
+    runs = find_binaries(major=requested_major())
+    for binaries in [runs, find_binaries(), *(find_binaries(bindir) for bindir in system)]:
         if (binaries.bindir / "pg_basebackup").exists():
             return binaries
     return find_binaries()  # pragma: no cover - pgserver's wheel (a dependency) has one

@@ -105,8 +105,8 @@ def _database(
         server = tls.databases.server
     elif "replica" in settings.needs:
         pair: ReplicaDatabases = request.getfixturevalue("replica_databases")
-        name, environment = pair.fresh(driver)
-        request.addfinalizer(lambda: pair.databases.drop(name))
+        database, environment = pair.fresh(driver)
+        request.addfinalizer(lambda: pair.databases.drop(database))
         server = pair.databases.server
     else:
         databases: Databases = request.getfixturevalue("databases")

@@ -44,6 +44,11 @@ def sessionmaker(engines: tuple[AsyncEngine, AsyncEngine]) -> async_sessionmaker
     return create_routing_sessionmaker(*engines)
 
 
+def routing(session: AsyncSession) -> RoutingSession:
+    assert isinstance(session.sync_session, RoutingSession)
+    return session.sync_session
+
+
 def a_user(name: str) -> User:
     return User(email=f"{name}@example.com", username=name, hashed_password="x")
 
@@ -72,12 +77,12 @@ async def test_a_flush_goes_to_the_primary_and_sticks(
     async with sessionmaker() as session:
         session.add(a_user("grace"))
         await session.flush()
-        assert session.sync_session.wrote
+        assert routing(session).wrote
         assert await session.scalar(ON_REPLICA) is False
         assert await session.scalar(select(func.count()).select_from(User)) == 1
         await session.commit()
         await session.close()  # e.g. at the end of a request: reads may go to the replica again
-        assert not session.sync_session.wrote
+        assert not routing(session).wrote
         assert await session.scalar(ON_REPLICA) is True
 
 
@@ -92,7 +97,7 @@ async def test_an_update_and_a_lock_go_to_the_primary(
         assert await session.scalar(ON_REPLICA) is False
     async with sessionmaker() as session:
         assert await session.scalar(ON_REPLICA.with_for_update()) is False
-        assert session.sync_session.wrote
+        assert routing(session).wrote
 
 
 async def test_text_and_a_bare_connection_go_to_the_primary(
@@ -114,7 +119,7 @@ async def test_without_a_replica_everything_goes_to_the_primary(
     sessionmaker = create_routing_sessionmaker(engines[0], None)
     async with sessionmaker() as session:
         assert await session.scalar(ON_REPLICA) is False
-        assert not session.sync_session.wrote
+        assert not routing(session).wrote
 
 
 async def test_a_write_sent_to_the_replica_is_refused_with_25006(
