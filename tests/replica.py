@@ -1,9 +1,9 @@
 """A primary with a streaming replica, for tests/test_routing.py and the pages' `needs="replica"`
 blocks: the run's own pair (a replica cannot be made from someone's `TEST_DATABASE_URL`).
 
-Binaries: the run's (`make test PG=N`) when they have `pg_basebackup`; npm's packages have none,
-so then pgserver's 16, else the system's. A block's database is cloned on the primary and waited
-for on the replica before the block starts.
+The run's binaries (`make test PG=N`: that major); the replica is made by `pg_basebackup -R`, or
+where they have none (npm's) by the low-level backup API (`dblayer.basebackup`). A block's
+database is cloned on the primary and waited for on the replica before the block starts.
 """
 
 from __future__ import annotations
@@ -12,26 +12,15 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from dblayer.binaries import requested_major
-from dblayer.embedded import Binaries, EmbeddedPostgres, find_binaries
+from dblayer.embedded import EmbeddedPostgres, find_binaries
 from dblayer.replica import EmbeddedReplica
 from dblayer.settings import Driver
 from dblayer.testing import connect
 from tests.databases import Databases, Server
 
 CATCH_UP_SECONDS = 30
-
-
-def replica_binaries() -> Binaries:
-    """The first binaries here with `pg_basebackup`: the run's, pgserver's, the system's."""
-    system = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    runs = find_binaries(major=requested_major())
-    for binaries in [runs, find_binaries(), *(find_binaries(bindir) for bindir in system)]:
-        if (binaries.bindir / "pg_basebackup").exists():
-            return binaries
-    return find_binaries()  # pragma: no cover - pgserver's wheel (a dependency) has one
 
 
 @dataclass
@@ -76,7 +65,10 @@ class ReplicaDatabases:
 @contextlib.contextmanager
 def serve_replica_databases() -> Iterator[ReplicaDatabases]:
     """Primary and replica, started now, stopped (and removed) on exit."""
-    with EmbeddedPostgres(replica_binaries()) as primary, EmbeddedReplica(primary) as replica:
+    with (
+        EmbeddedPostgres(find_binaries(major=requested_major())) as primary,
+        EmbeddedReplica(primary) as replica,
+    ):
         url = primary.url("postgres").set(drivername="postgresql")
         origin = f"embedded with a replica, {primary.binaries.source}"
         databases = Databases(Server(url, origin, embedded=primary))

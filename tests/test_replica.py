@@ -107,8 +107,11 @@ def test_a_replica_needs_its_primary_running(open_dir: Path) -> None:
         EmbeddedReplica(EmbeddedPostgres(base_dir=open_dir))
 
 
-def test_without_pg_basebackup_the_backup_api_is_used(tmp_path: Path, open_dir: Path) -> None:
+def test_without_pg_basebackup_the_backup_api_is_used(
+    tmp_path: Path, open_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """npm's packages hold initdb, pg_ctl and postgres only."""
+    monkeypatch.delenv("DBLAYER_PG", raising=False)  # pgserver's, which has pg_basebackup
     with EmbeddedPostgres(base_dir=open_dir) as primary:
         assert EmbeddedReplica(primary).pg_basebackup is True  # pgserver's has it
         server_only = tmp_path / "bin"
