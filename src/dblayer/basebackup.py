@@ -21,6 +21,17 @@ _EMPTY_DIRECTORIES = {
     "pg_dynshmem", "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat_tmp",
     "pg_subtrans", "pg_wal",
 }  # fmt: skip
+# (start, stop) before 15 and since: 15 renamed them (and dropped 14's exclusive mode, off here).
+_FUNCTIONS = {
+    False: (
+        "SELECT pg_start_backup(%s, true, false)",
+        "SELECT labelfile FROM pg_stop_backup(false, true)",
+    ),
+    True: (
+        "SELECT pg_backup_start(%s, fast => true)",
+        "SELECT labelfile FROM pg_backup_stop(true)",
+    ),
+}
 _LEFT_OUT = {"postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map"}
 
 
@@ -29,18 +40,12 @@ def low_level_backup(
 ) -> None:
     """Copy the running server's data directory `source` (reached over `connection`, in
     autocommit) to `target`, a standby that will stream from `conninfo`."""
-    modern = connection.info.server_version >= 150000  # 15 renamed the functions
-    if modern:
-        connection.execute("SELECT pg_backup_start(%s, fast => true)", ("dblayer_replica",))
-    else:
-        connection.execute("SELECT pg_start_backup(%s, true, false)", ("dblayer_replica",))
+    start, stop = _FUNCTIONS[connection.info.server_version >= 150000]
+    connection.execute(start, ("dblayer_replica",))
     try:
         _copy(source, target)
     finally:
-        if modern:
-            row = connection.execute("SELECT labelfile FROM pg_backup_stop(true)").fetchone()
-        else:
-            row = connection.execute("SELECT labelfile FROM pg_stop_backup(false, true)").fetchone()
+        row = connection.execute(stop).fetchone()
     label = str(row[0]) if row else ""  # one row, always
     (target / "backup_label").write_text(label)
     for segment in (source / "pg_wal").iterdir():  # after the stop: all the backup needs

@@ -5,7 +5,9 @@ replication protocol and writes the connection the standby streams from (`primar
 `standby.signal`); the copy then starts on a port of its own as a hot standby (read-only queries
 while it replays the primary's WAL). Same binaries as the primary: a standby must run the same
 major. The primary needs nothing of its own: initdb's `pg_hba.conf` already lets 127.0.0.1 in for
-replication (with the server's auth method), and `wal_level = replica` is the default.
+replication (with the server's auth method), and `wal_level = replica` is the default. Binaries
+without `pg_basebackup` (npm's packages) get the same copy from the low-level backup API:
+`dblayer.basebackup`.
 """
 
 from __future__ import annotations
