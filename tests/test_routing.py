@@ -15,6 +15,7 @@ from dblayer.engine import DatabaseUnavailableError, create_engine
 from dblayer.models import User
 from dblayer.routing import RoutingSession, create_replica_engine, create_routing_sessionmaker
 from dblayer.settings import Driver, Settings, get_settings
+from dblayer.testing import connect
 from tests.replica import ReplicaDatabases
 
 ON_REPLICA = select(func.pg_is_in_recovery())  # true on the replica, false on the primary
@@ -157,3 +158,21 @@ async def test_a_replica_that_is_down_fails_reads_fast_and_writes_still_work(
             assert await session.scalar(select(User.username)) == "linus"  # sticky: primary
     finally:
         await broken.dispose()
+
+
+def test_the_harness_resumes_a_paused_replica_before_the_next_block(
+    replica_databases: ReplicaDatabases, driver: Driver
+) -> None:
+    """A block that paused the replay and failed before resuming it must not stall the next."""
+    pair = replica_databases
+    admin = pair.replica.url("postgres").set(drivername="postgresql")
+    with connect(admin) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    name, environment = pair.fresh(driver)
+    assert environment["DATABASE_REPLICA_URL"].endswith(f"/{name}")
+    with connect(admin) as conn:
+        row = conn.execute(
+            "SELECT pg_get_wal_replay_pause_state(), %s IN (SELECT datname FROM pg_database)",
+            (name,),
+        ).fetchone()
+    assert row == ("not paused", True)
