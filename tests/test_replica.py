@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from dblayer import basebackup
 from dblayer.binaries import requested_major
 from dblayer.embedded import Binaries, EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 from dblayer.replica import EmbeddedReplica
@@ -161,3 +162,22 @@ def test_the_systems_binaries_make_a_replica_too(open_dir: Path) -> None:
             version = conn.execute("SHOW server_version").fetchone()
         assert version is not None
         assert str(version[0]).startswith(binaries.version)
+
+
+def test_ctrl_c_during_the_copy_leaves_nothing_and_the_next_start_works(
+    primary: EmbeddedPostgres, open_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM, which the suite turns into it) half-way through the base backup."""
+
+    def interrupted(source: Path, target: Path) -> None:
+        raise KeyboardInterrupt
+
+    replica = EmbeddedReplica(primary, pg_basebackup=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(basebackup, "_copy", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            replica.start()
+    assert not replica.running
+    assert [path.name for path in open_dir.iterdir()] == [primary.directory.name]
+    with replica, connect(replica) as conn:  # the backup was stopped: a new one starts
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
