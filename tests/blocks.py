@@ -13,6 +13,7 @@ a server with trust authentication it is skipped with one line, not exempted.
 `needs="tls"` (no reason needed) runs the block on a server with TLS on: see `FenceSettings`.
 
 `needs="pgbouncer"` (no reason needed) runs the block through PgBouncer: see `FenceSettings`.
+`needs="replica"` (no reason needed) runs it on a primary with a streaming replica: ditto.
 
 Writing blocks that pytest-examples can keep up to date (learned the hard way):
 
@@ -43,11 +44,8 @@ _FENCE = re.compile(r"(^ *```)( *)(.*?)\n(.+?)\1", flags=re.M | re.S)
 _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
-_NEEDS = {
-    "password-auth",
-    "tls",
-    "pgbouncer",
-}  # what a reader's server may not offer (see the docstring)
+# What a reader's server may not offer (see the docstring).
+_NEEDS = {"password-auth", "tls", "pgbouncer", "replica"}
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -100,6 +98,12 @@ class FenceSettings:
     of the run's server, every database reachable through its `*` wildcard) and
     `MIGRATION_DATABASE_URL` at it on the server directly. Where PgBouncer is not installed the
     block is skipped with one line (REQUIRE_PGBOUNCER_TEST makes it a failure).
+    `needs="replica"` (no reason needed) runs the block on a primary with a streaming replica
+    (`tests/replica.py`; the run's own pair, one per xdist worker, even with TEST_DATABASE_URL),
+    in a fresh migrated database on the primary which the replica has replayed before the block
+    starts: `DATABASE_URL` names it on the primary, `DATABASE_REPLICA_URL` on the replica, both as
+    the superuser of this dedicated pair (so a block may pause the replica's WAL replay; the
+    harness resumes it before the next block).
     """
 
     drivers: tuple[Driver, ...] = DRIVERS

@@ -22,6 +22,7 @@ from dblayer.settings import DRIVERS, Driver, get_settings
 from tests.blocks import apply_console_updates
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
 from tests.pgbouncer import serve_pgbouncer
+from tests.replica import ReplicaDatabases, serve_replica_databases
 from tests.tls import TLSDatabases, serve_tls_databases
 
 pytest_plugins = ["tests.report"]  # the run report: what ran, the summary, the site's record
@@ -39,7 +40,12 @@ class WorkerNode(Protocol):
 
 
 # Variables the settings read: cleared for every test so a developer's shell or .env never leaks in.
-_SETTINGS_ENV = ("DATABASE_URL", "MIGRATION_DATABASE_URL", "DATABASE_DRIVER")
+_SETTINGS_ENV = (
+    "DATABASE_URL",
+    "MIGRATION_DATABASE_URL",
+    "DATABASE_REPLICA_URL",
+    "DATABASE_DRIVER",
+)
 _SETTINGS_PREFIXES = ("POSTGRES_", "DB_")
 
 
@@ -164,6 +170,15 @@ def pgbouncer(server: Server) -> Iterator[PgBouncer]:
     line where it is not installed (REQUIRE_PGBOUNCER_TEST makes that a failure)."""
     with serve_pgbouncer(server.admin_url) as bouncer:
         yield bouncer
+
+
+@pytest.fixture(scope="session")
+def replica_databases() -> Iterator[ReplicaDatabases]:
+    """A primary with a streaming replica (tests/replica.py), for the pages' `needs="replica"`
+    blocks and tests/test_routing.py, whichever server the run uses otherwise: started on first
+    use (in each xdist worker), stopped at the end."""
+    with serve_replica_databases() as databases:
+        yield databases
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import pytest
 from _pytest.outcomes import Failed
 from pytest_examples import CodeExample, EvalExample
 
+from dblayer.settings import DRIVERS
 from tests.blocks import (
     CONSOLE_UPDATES,
     FenceSettings,
@@ -65,6 +66,8 @@ def test_fence_settings() -> None:
     assert (tls.needs, tls.exempt) == (("tls",), False)
     both = FenceSettings.parse('{.console needs="tls password-auth"}', "x")
     assert both.needs == ("tls", "password-auth")
+    replica = FenceSettings.parse('{.python needs="replica"}', "x")  # a primary with a replica
+    assert (replica.needs, replica.exempt, replica.drivers) == (("replica",), False, DRIVERS)
 
 
 def test_fence_needs_pgbouncer() -> None:

@@ -38,6 +38,7 @@ from tests.blocks import (
 )
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
 from tests.paths import DOCS, ROOT
+from tests.replica import ReplicaDatabases
 from tests.tls import TLSDatabases
 
 RUFF_TOML = """\
@@ -91,7 +92,8 @@ def _database(
     monkeypatch: pytest.MonkeyPatch,
 ) -> tuple[dict[str, str], str]:
     """The block's own fresh database: the environment that names it (`DATABASE_URL`, and for
-    `needs="tls"` the certificates: see `FenceSettings`), and its server's admin URL."""
+    `needs="tls"` the certificates, for `needs="replica"` the replica: see `FenceSettings`), and
+    its server's admin URL."""
     if "tls" in settings.needs:
         tls: TLSDatabases = request.getfixturevalue("tls_databases")  # skips without OpenSSL
         home = request.getfixturevalue("tmp_path") / "home"
@@ -102,6 +104,11 @@ def _database(
         environment = tls.fresh(driver)
         request.addfinalizer(tls.drop)
         server = tls.databases.server
+    elif "replica" in settings.needs:
+        pair: ReplicaDatabases = request.getfixturevalue("replica_databases")
+        database, environment = pair.fresh(driver)
+        request.addfinalizer(lambda: pair.databases.drop(database))
+        server = pair.databases.server
     else:
         databases: Databases = request.getfixturevalue("databases")
         name: str = request.getfixturevalue("fresh_database")

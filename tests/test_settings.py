@@ -348,3 +348,35 @@ def test_external_pooler_refuses_the_timeouts_sent_at_connect(timeout: str) -> N
     )
     assert get_settings(db_external_pooler=True).db_external_pooler
     assert get_settings(**{timeout: 5}).for_migrations().db_external_pooler is False
+
+
+def test_no_replica_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_REPLICA_URL", "")  # an empty line in .env: none either
+    assert get_settings().for_replica() is None
+
+
+def test_the_replica_url_inherits_the_apps_tls_and_keeps_its_timeouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", VERIFIED)
+    monkeypatch.setenv("DATABASE_REPLICA_URL", "postgresql://shop_app:hunter2@replica/shop")
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "5")
+    replica = get_settings().for_replica()
+    assert replica is not None
+    assert str(replica.url) == "postgresql+asyncpg://shop_app:***@replica/shop"
+    assert replica.url.password == "hunter2"
+    assert replica.tls == {"sslmode": "verify-full", "sslrootcert": "/ca.crt"}
+    assert replica.db_statement_timeout == 5  # the app's: the reads are the app's
+    for text in (repr(get_settings()), str(get_settings()), repr(replica), str(replica.url)):
+        assert "hunter2" not in text
+    monkeypatch.setenv("DATABASE_REPLICA_URL", "postgresql://u:p@replica/shop?sslmode=require")
+    own = get_settings().for_replica()
+    assert own is not None
+    assert own.tls == {"sslmode": "require"}
+
+
+def test_a_bad_replica_url_is_one_line_without_the_password() -> None:
+    with pytest.raises(SettingsError) as caught:
+        get_settings(database_replica_url="postgresql://u:hunter2@@h/db")
+    assert "DATABASE_REPLICA_URL: unescaped '@' in the password" in str(caught.value)
+    assert "hunter2" not in str(caught.value)

@@ -26,7 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 from sqlalchemy import URL
 
@@ -163,7 +163,7 @@ class EmbeddedPostgres:
             database=database,
         )
 
-    def start(self) -> EmbeddedPostgres:
+    def start(self) -> Self:
         """Initialise a cluster in a new temporary directory and start the server on 127.0.0.1."""
         with self._lock:
             if self._dir is not None:
@@ -200,7 +200,7 @@ class EmbeddedPostgres:
         self._dir = None
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> EmbeddedPostgres:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

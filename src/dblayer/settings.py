@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # The migrations' own login (a role that owns the schema), for prestart and alembic only; the
     # app's role then needs no more than reading and writing rows. Unset: the app's URL.
     migration_database_url: SecretStr | None = None
+    # A read replica (a hot standby) for the reads a routing session sends there; unset: none,
+    # every statement goes to DATABASE_URL (see `dblayer.routing`).
+    database_replica_url: SecretStr | None = None
     database_driver: Driver = "asyncpg"  # DATABASE_DRIVER, used when the URL names none
 
     postgres_host: str = "localhost"
@@ -144,7 +147,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("database_url", "migration_database_url")
+    @field_validator("database_url", "migration_database_url", "database_replica_url")
     @classmethod
     def _check_database_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is not None and value.get_secret_value().strip():
@@ -205,11 +208,25 @@ class Settings(BaseSettings):
         update: dict[str, object] = dict.fromkeys(APP_TIMEOUTS)
         if self.migration_database_url is not None:
             update["database_url"] = self.migration_database_url
-            own = _parse_database_url(self.migration_database_url.get_secret_value()).query
-            if self.database_url is not None and not any(name in own for name in TLS_PARAMETERS):
-                query = _parse_database_url(self.database_url.get_secret_value()).query
-                update |= {f"db_{name}": query[name] for name in TLS_PARAMETERS if name in query}
+            update |= self._apps_tls_for(self.migration_database_url)
         return self.model_copy(update=update)
+
+    def for_replica(self) -> Settings | None:
+        """These settings pointed at the replica (`DATABASE_REPLICA_URL`; unset: None), TLS as
+        the app's unless its URL says its own, like `for_migrations`; the app's timeouts kept."""
+        if self.database_replica_url is None:
+            return None
+        update = {"database_url": self.database_replica_url}
+        return self.model_copy(update=update | self._apps_tls_for(self.database_replica_url))
+
+    def _apps_tls_for(self, other: SecretStr) -> dict[str, object]:
+        """DATABASE_URL's TLS parameters, as `DB_SSL…` settings for another URL whose query
+        has none of its own (with one of its own: nothing, its query says it all)."""
+        own = _parse_database_url(other.get_secret_value()).query
+        if self.database_url is None or any(name in own for name in TLS_PARAMETERS):
+            return {}
+        query = _parse_database_url(self.database_url.get_secret_value()).query
+        return {f"db_{name}": query[name] for name in TLS_PARAMETERS if name in query}
 
     @property
     def migration_url(self) -> URL:

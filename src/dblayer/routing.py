@@ -1,0 +1,85 @@
+"""Read routing: reads to a replica, writes to the primary, and read-your-writes after a write.
+
+A session of `create_routing_sessionmaker` decides per statement, in `get_bind` (SQLAlchemy's
+"custom vertical partitioning"): a flush, an INSERT/UPDATE/DELETE, a `SELECT … FOR UPDATE` and a
+`text()` statement (which could be anything) go to the primary, and so does everything after them
+in the same session: a replica replays the primary's WAL a little later, so a read right after a
+write could miss it. Other SELECTs go to the replica. Without a replica, all goes to the primary.
+
+A replica that cannot be reached fails the read fast (`DatabaseUnavailableError`, which the API
+answers with 503) instead of moving every read to the primary at the moment capacity is short:
+take it out by unsetting `DATABASE_REPLICA_URL`. The library option with more (several replicas,
+context managers): advanced-alchemy's routing session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, Select
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.sql import ClauseElement
+
+from dblayer.engine import create_engine
+from dblayer.session import create_sessionmaker
+from dblayer.settings import Settings
+
+__all__ = ["RoutingSession", "create_replica_engine", "create_routing_sessionmaker"]
+
+
+# --8<-- [start:routing_session]
+class RoutingSession(Session):
+    """The sync session inside each `AsyncSession`, which picks the server per statement."""
+
+    def __init__(self, *, replica: Engine | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.replica = replica
+        self.wrote = False  # once true, the rest of this session stays on the primary
+
+    def get_bind(
+        self,
+        mapper: type[Any] | Mapper[Any] | None = None,
+        *,
+        clause: ClauseElement | None = None,
+        **kw: Any,
+    ) -> Engine | Connection:
+        primary = super().get_bind(mapper, clause=clause, **kw)
+        if self.replica is None or self.wrote:
+            return primary
+        if self._flushing or not _is_plain_read(clause):
+            self.wrote = True  # read-your-writes: later reads must see what this one changes
+            return primary
+        return self.replica
+
+    def close(self) -> None:
+        """Closed (e.g. at the end of a request): the next use starts on the replica again."""
+        super().close()
+        self.wrote = False
+
+
+def _is_plain_read(clause: ClauseElement | None) -> bool:
+    """A SELECT that locks nothing. (`session.connection()` with no statement is not one.)"""
+    return isinstance(clause, Select) and clause._for_update_arg is None
+    # --8<-- [end:routing_session]
+
+
+# --8<-- [start:routing_sessionmaker]
+def create_replica_engine(settings: Settings) -> AsyncEngine | None:
+    """The replica's engine (`DATABASE_REPLICA_URL`, pooled like the primary's); unset: None."""
+    replica = settings.for_replica()
+    return None if replica is None else create_engine(replica)
+
+
+def create_routing_sessionmaker(
+    primary: AsyncEngine, replica: AsyncEngine | None
+) -> async_sessionmaker[AsyncSession]:
+    """`create_sessionmaker`'s factory, whose sessions route their statements (see above)."""
+    sessionmaker = create_sessionmaker(primary)
+    sessionmaker.configure(
+        sync_session_class=RoutingSession,
+        replica=None if replica is None else replica.sync_engine,
+    )
+    return sessionmaker
+    # --8<-- [end:routing_sessionmaker]
