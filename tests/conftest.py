@@ -19,6 +19,7 @@ from dblayer.engine import create_engine
 from dblayer.pgbouncer import PgBouncer
 from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
+from tests import drivers
 from tests.blocks import apply_console_updates
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
 from tests.pgbouncer import serve_pgbouncer
@@ -245,7 +246,19 @@ async def silent_port() -> AsyncIterator[int]:
     await server.wait_closed()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest tests first (the site in a browser), so that xdist does not start one of them
-    last and leave it running alone at the end."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        drivers.OPTION,
+        action="store_true",
+        help="run each test and block under one driver, chosen per test (the quick loop)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The quick loop's one driver per test (tests/drivers.py); then the longest tests first
+    (the site in a browser), so that xdist does not start one of them last and leave it running
+    alone at the end."""
+    if config.getoption(drivers.OPTION) and not config.option.update_examples:
+        items[:], left_out = drivers.one_driver_each(items)
+        config.hook.pytest_deselected(items=left_out)
     items.sort(key=lambda item: not getattr(getattr(item, "module", None), "LONGEST_FIRST", False))

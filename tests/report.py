@@ -106,6 +106,8 @@ class Report:
             write(f"isolation: {len(costs)} databases, median {median:.0f} ms each (clone + drop)")
         if self.recorded:
             write(f"recorded for the site: {self.recorded}")
+        elif terminalreporter.config.getoption("--one-driver-each", False):
+            write("one driver per test (the quick loop): `make test FULL=1` runs both and records")
         if self.dirtied:
             write(
                 "the run changed files git does not ignore (by a test, or by hand while it ran); "

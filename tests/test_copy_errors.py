@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dblayer.repositories import UserRepository
 from dblayer.session import session_scope
 
+pytestmark = pytest.mark.both_drivers  # each driver's COPY has its own error path
+
 
 class CopyingUsers(UserRepository):
     copy_threshold: ClassVar[int] = 1  # every bulk_create goes through COPY
