@@ -124,6 +124,10 @@ def served(env: dict[str, str]) -> Iterator[str]:
             "--log-level",
             "warning",
             "--no-access-log",
+            # A client of a saturated machine may take seconds to send its next request: keep
+            # its connection (uvicorn's default closes it after 5 s idle, racing that request).
+            "--timeout-keep-alive",
+            "60",
         ],
         env={**os.environ, "DB_CURSOR_SECRET": secrets.token_urlsafe(32), **env},
     )

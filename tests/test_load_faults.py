@@ -1,7 +1,8 @@
 """Faults under load: the app served by uvicorn answers a steady stream of requests while the
-primary restarts, its connections are terminated, or PgBouncer restarts. Counts of answers by
-phase (the phase a request started in): a 503 while the database is away, never a 500, and every
-request answered 200 again within seconds of its return."""
+primary restarts, its connections are terminated, or PgBouncer restarts. Answers are counted by
+phase (a request that started in one phase and ended in another counts as "spanning"): a 503
+while the database is away, never a 500, and every request answered 200 again within seconds of
+its return."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ PATH = "/tasks?limit=5"
 
 
 class Load:
-    """A bounded stream of GETs from CLIENTS clients; each answer counted under the phase its
-    request started in (an exception without an answer counts as its class name)."""
+    """A stream of GETs from CLIENTS clients, until the block ends; each answer counted under
+    the phase its request started and ended in, else under "spanning" (a request without an
+    answer counts as its exception's class name)."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
@@ -48,7 +50,7 @@ class Load:
                 answer: int | str = (await self.client.get(PATH)).status_code
             except httpx.HTTPError as error:
                 answer = type(error).__name__
-            self.counts[phase][answer] += 1
+            self.counts[phase if phase == self.phase else "spanning"][answer] += 1
             await asyncio.sleep(0.01)
 
     async def during(self, phase: str, seconds: float) -> None:
@@ -93,10 +95,10 @@ async def served(url: URL, **values: object) -> AsyncIterator[Load]:
 
 
 def assert_recovers(counts: dict[str, Counter[int | str]], away: list[str]) -> None:
-    """200s before; while away (and on the way back) 200 or 503 only, never a 500 or no answer;
-    a 503 while it is down; then only 200s."""
+    """200s before; while away, on the way back and across phases 200 or 503 only, never a 500
+    or no answer; a 503 while it is down; then only 200s."""
     assert set(counts["before"]) == {200}, counts
-    for phase in away:
+    for phase in [*away, "spanning"]:
         assert set(counts[phase]) <= {200, 503}, (phase, counts)
     assert counts["down"][503] > 0, counts
     assert set(counts["after"]) == {200}, counts
@@ -131,7 +133,7 @@ def test_the_primary_restarted_under_load(restartable: EmbeddedPostgres, driver:
             )
             await load.during("back", RECOVERY)
             await load.during("after", 2.0)
-            return dict(load.counts)
+            return load.counts
 
     counts = asyncio.run(scenario())
     assert set(counts["down"]) == {503}, counts
@@ -163,14 +165,16 @@ def test_every_app_connection_terminated_under_load(
 
     async def scenario() -> tuple[int, dict[str, Counter[int | str]]]:
         async with served(database_url) as load:
+            load.phase = "terminating"
             terminated = await asyncio.to_thread(terminate)
-            load.phase = "after"
             await load.during("after", 2.0)
-            return terminated, dict(load.counts)
+            return terminated, load.counts
 
     terminated, counts = asyncio.run(scenario())
     assert terminated >= 1
     assert set(counts["before"]) == {200}, counts
+    for phase in ("terminating", "spanning"):  # a query on a connection as it is terminated
+        assert set(counts[phase]) <= {200, 503}, counts
     assert set(counts["after"]) == {200}, counts  # zero failed requests after the terminations
     assert counts["after"][200] >= 10, counts
 
@@ -188,7 +192,7 @@ def test_pgbouncer_restarted_under_load(server: Server, database_url: URL) -> No
                 await load.around("starting", lambda: asyncio.to_thread(bouncer.start))
                 await load.during("back", RECOVERY)
                 await load.during("after", 2.0)
-                return dict(load.counts)
+                return load.counts
 
         counts = asyncio.run(scenario())
     assert set(counts["down"]) == {503}, counts
