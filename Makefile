@@ -83,6 +83,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pooling
 	$(BIN)/python -m benchmarks.repositories
 	$(BIN)/python -m benchmarks.testing
+	$(BIN)/python -m benchmarks.load
 
 # Against DATABASE_URL (or POSTGRES_*, or .env) when set, else an embedded PostgreSQL that lives as
 # long as the app: waits for it, migrates, seeds, then uvicorn on $(HOST):8001.
