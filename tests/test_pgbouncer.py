@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import URL, make_url, text
 
 from dblayer import pgbouncer as module
 from dblayer.engine import create_engine
@@ -131,29 +135,39 @@ def test_last_line_without_a_log(tmp_path: Path) -> None:
     assert module._last_line(tmp_path) == "LOG two"
 
 
+def _cli(url: str) -> subprocess.Popen[str]:
+    """`python -m dblayer.pgbouncer`, the server's URL in its environment, not on its command
+    line (where `ps` would show the password)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dblayer.pgbouncer"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DATABASE_URL": url},
+    )
+
+
 @pytest.mark.usefixtures("subprocess_coverage")
 def test_main_runs_until_ctrl_c(server: Server) -> None:
     require_pgbouncer()
     url = server.admin_url.set(drivername="postgresql+psycopg")
-    with subprocess.Popen(
-        [sys.executable, "-m", "dblayer.pgbouncer", url.render_as_string(hide_password=False)],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as process:
-        _talk_and_interrupt(process)
+    with _cli(url.render_as_string(hide_password=False)) as process:
+        _talk_and_interrupt(process, url)
 
 
-def _talk_and_interrupt(process: subprocess.Popen[str]) -> None:
+def _talk_and_interrupt(process: subprocess.Popen[str], url: URL) -> None:
     try:
         assert process.stdout is not None
         line = process.stdout.readline().strip()
         assert line.startswith("DATABASE_URL=postgresql+psycopg://")
+        assert isinstance(url.password, str)
+        assert url.password not in line  # the URL printed without the password
         through = make_url(line.removeprefix("DATABASE_URL="))
+        assert through.password == "***"
         with psycopg.connect(
             host=through.host,
             port=through.port,
             user=through.username,
-            password=through.password if isinstance(through.password, str) else None,
+            password=url.password,
             dbname="postgres",
             prepare_threshold=None,
         ) as conn:
@@ -161,15 +175,96 @@ def _talk_and_interrupt(process: subprocess.Popen[str]) -> None:
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
     finally:
-        if process.poll() is None:  # pragma: no cover - only when the test failed
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """SIGTERM first, so that it stops its PgBouncer and removes its files; SIGKILL only if it
+    does not exit."""
+    if process.poll() is None:  # pragma: no cover - only when the test failed
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
 
 
-def test_main_says_why_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_killed_cli_takes_its_pgbouncer_with_it(server: Server) -> None:
+    """SIGKILL leaves the CLI no chance to stop PgBouncer: PgBouncer gets SIGTERM from the
+    kernel when its parent dies (PR_SET_PDEATHSIG), and exits."""
     require_pgbouncer()
-    assert module.main(["postgresql://u:secret@127.0.0.1:1/db"]) == 1
+    url = server.admin_url.set(drivername="postgresql+psycopg")
+    through = url
+    with _cli(url.render_as_string(hide_password=False)) as process:
+        try:
+            assert process.stdout is not None
+            through = make_url(process.stdout.readline().strip().removeprefix("DATABASE_URL="))
+            assert through.port is not None
+            socket.create_connection(("127.0.0.1", through.port), timeout=2).close()
+            process.kill()
+            process.wait(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", through.port), timeout=1).close()
+                except OSError:
+                    break
+                time.sleep(0.05)  # pragma: no cover - PgBouncer exits at once
+            else:  # pragma: no cover - only when the test fails
+                pytest.fail("PgBouncer still listens after its CLI was killed")
+        finally:
+            _stop(process)
+            # What a killed CLI cannot remove: its temporary directory.
+            for ini in Path(tempfile.gettempdir()).glob("dblayer-pgbouncer-*/pgbouncer.ini"):
+                if f"\nlisten_port = {through.port}\n" in ini.read_text():
+                    shutil.rmtree(ini.parent)
+
+
+def test_main_says_why_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_pgbouncer()
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret@127.0.0.1:1/db")
+    assert module.main([]) == 1
     err = capsys.readouterr().err
     assert "secret" not in err
     assert "127.0.0.1" in err
     assert os.linesep not in err.strip()
+
+
+def test_main_without_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SERVER_URL", raising=False)
+    assert module.main(["--url-from", "SERVER_URL"]) == 1
+    assert capsys.readouterr().err == (
+        "SERVER_URL is not set: the server's URL, a superuser's (its password is read)\n"
+    )
+
+
+def test_main_needs_a_superuser(
+    server: Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It reads the password verifier in pg_authid, which only a superuser may."""
+    require_pgbouncer()
+    role = f"not_super_{os.getpid()}"
+    admin = server.admin_url
+    with psycopg.connect(
+        host=admin.host,
+        port=admin.port,
+        user=admin.username,
+        password=admin.password if isinstance(admin.password, str) else None,
+        dbname="postgres",
+        autocommit=True,
+    ) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'not-super-secret'")
+        try:
+            url = admin.set(username=role, password="not-super-secret", database="postgres")
+            monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+            assert module.main([]) == 1
+        finally:
+            conn.execute(f"DROP ROLE {role}")
+    assert capsys.readouterr().err == (
+        f"{role} may not read pg_authid: python -m dblayer.pgbouncer needs a superuser's URL\n"
+    )

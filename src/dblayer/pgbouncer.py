@@ -10,13 +10,16 @@ Authentication: with `users` as `{"name": secret}` PgBouncer checks the clients'
 `scram_secrets`), which PgBouncer also uses to log in to the server with the client's own proof,
 so no plain password is written anywhere. In front of a server that trusts everyone, `trust`.
 
-`python -m dblayer.pgbouncer DATABASE_URL` runs one in front of that server until Ctrl-C.
+`python -m dblayer.pgbouncer` runs one in front of the server of `$DATABASE_URL` (a superuser's:
+it reads `pg_authid`; `--url-from NAME` reads another variable) until Ctrl-C, and stops with
+the program even when that is killed.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import os
 import pwd
 import re
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -71,9 +74,15 @@ def scram_secrets(admin_url: URL, roles: list[str]) -> dict[str, str]:
         dbname=admin_url.database or "postgres",
         connect_timeout=10,
     ) as conn:
-        rows = conn.execute(
-            "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)", (roles,)
-        ).fetchall()
+        try:
+            rows = conn.execute(
+                "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)", (roles,)
+            ).fetchall()
+        except psycopg.errors.InsufficientPrivilege:
+            raise PgBouncerError(
+                f"{admin_url.username} may not read pg_authid: "
+                "python -m dblayer.pgbouncer needs a superuser's URL"
+            ) from None
     return {str(name): str(secret) for name, secret in rows if secret is not None}
 
 
@@ -97,6 +106,7 @@ class PgBouncer:
         settings: Mapping[str, str] | None = None,
         run_as: str | None = None,
         executable: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.executable = executable or find_pgbouncer()
         self.server_host = server_host
@@ -107,6 +117,9 @@ class PgBouncer:
         self.port = port or _free_port()
         self.settings = dict(settings or {})  # more `[pgbouncer]` settings, e.g. pool sizes
         self.run_as = run_as or default_server_user()
+        # Linux: the kernel sends PgBouncer SIGTERM when the thread that started it ends, even
+        # killed (the CLI); not for the tests' PgBouncer, which other threads may outlive.
+        self.die_with_parent = die_with_parent
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -170,6 +183,7 @@ class PgBouncer:
                     group=gid,
                     extra_groups=[] if os.geteuid() == 0 else None,
                     cwd=directory,
+                    preexec_fn=_parent_death_signal() if self.die_with_parent else None,
                 )
                 output.close()  # the child has it
                 self._wait_for_port(process, directory, timeout)
@@ -246,6 +260,24 @@ def _last_line(directory: Path) -> str:
     return errors[0] if errors else lines[-1] if lines else "(no log)"
 
 
+# prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None]:
+    """For `preexec_fn`: after the fork and the change of user, before the exec, ask for SIGTERM
+    at the parent's death; exit at once where the parent is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+    parent = os.getpid()
+
+    def in_the_child() -> None:  # pragma: no cover - runs in the child, which coverage misses
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died during the fork
+            os._exit(1)
+
+    return in_the_child
+
+
 def _ids(user: str) -> tuple[int, int]:
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
@@ -270,14 +302,27 @@ def for_server(url: URL, **kwargs: object) -> PgBouncer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dblayer.pgbouncer URL`: PgBouncer in front of that server until Ctrl-C."""
+    """`python -m dblayer.pgbouncer`: PgBouncer in front of the server of `$DATABASE_URL` until
+    Ctrl-C. The URL comes from the environment, not the command line, where `ps` shows it."""
     parser = argparse.ArgumentParser(prog="python -m dblayer.pgbouncer", description=__doc__)
-    parser.add_argument("url", help="a superuser's URL of the server (its password is read)")
+    parser.add_argument(
+        "--url-from",
+        default="DATABASE_URL",
+        metavar="NAME",
+        help="the variable with a superuser's URL of the server (default: DATABASE_URL)",
+    )
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     args = parser.parse_args(argv)
-    url = make_url(args.url)
+    value = os.environ.get(args.url_from)
+    if not value:
+        print(
+            f"{args.url_from} is not set: the server's URL, a superuser's (its password is read)",
+            file=sys.stderr,
+        )
+        return 1
+    url = make_url(value)
     try:
-        bouncer = for_server(url, port=args.port)
+        bouncer = for_server(url, port=args.port, die_with_parent=True)
     except (PgBouncerError, psycopg.Error) as exc:
         print(str(exc).strip().splitlines()[0], file=sys.stderr)
         return 1
@@ -287,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         with bouncer:
-            shown = bouncer.url(url).render_as_string(hide_password=False)
+            shown = bouncer.url(url).render_as_string(hide_password=True)  # the same password
             print(f"DATABASE_URL={shown}", flush=True)
             stopped.wait()
     finally:
