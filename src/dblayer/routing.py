@@ -1,10 +1,14 @@
 """Read routing: reads to a replica, writes to the primary, and read-your-writes after a write.
 
 A session of `create_routing_sessionmaker` decides per statement, in `get_bind` (SQLAlchemy's
-"custom vertical partitioning"): a flush, an INSERT/UPDATE/DELETE, a `SELECT … FOR UPDATE` and a
+"custom vertical partitioning"): a flush, an INSERT/UPDATE/DELETE, a `SELECT … FOR UPDATE`, a
+SELECT with a data-modifying CTE, a SELECT marked `.execution_options(primary=True)` and a
 `text()` statement (which could be anything) go to the primary, and so does everything after them
 in the same session: a replica replays the primary's WAL a little later, so a read right after a
-write could miss it. Other SELECTs go to the replica. Without a replica, all goes to the primary.
+write could miss it. Other SELECTs go to the replica: a read whose result feeds a write (read,
+change, commit) must say `primary=True` or `with_for_update()`, else it may read a stale row and
+its commit overwrite a newer value; so must a SELECT of a function that writes (`nextval`).
+Without a replica, all goes to the primary.
 
 A replica that cannot be reached fails the read fast (`DatabaseUnavailableError`, which the API
 answers with 503) instead of moving every read to the primary at the moment capacity is short:
@@ -20,7 +24,9 @@ from sqlalchemy import Engine, Select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql import ClauseElement, visitors
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.selectable import CTE
 
 from dblayer.engine import create_engine
 from dblayer.session import create_sessionmaker
@@ -60,8 +66,20 @@ class RoutingSession(Session):
 
 
 def _is_plain_read(clause: ClauseElement | None) -> bool:
-    """A SELECT that locks nothing. (`session.connection()` with no statement is not one.)"""
-    return isinstance(clause, Select) and clause._for_update_arg is None
+    """A SELECT that locks nothing, writes in no CTE (`WITH x AS (INSERT …) SELECT …`) and was
+    not sent to the primary by `.execution_options(primary=True)`: for a read whose result feeds
+    a write, and for a function that writes (`nextval`, `txid_current`), which is not seen.
+    (`session.connection()` with no statement is not a plain read.)"""
+    return (
+        isinstance(clause, Select)
+        and clause._for_update_arg is None
+        and not clause.get_execution_options().get("primary", False)
+        and not any(_writes(element) for element in visitors.iterate(clause))
+    )
+
+
+def _writes(element: object) -> bool:
+    return isinstance(element, CTE) and isinstance(element.element, UpdateBase)
     # --8<-- [end:routing_session]
 
 

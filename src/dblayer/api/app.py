@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from dblayer.api.errors import add_error_handlers
 from dblayer.api.routes import health, tasks, users
 from dblayer.engine import create_engine
-from dblayer.session import create_sessionmaker
+from dblayer.routing import create_replica_engine, create_routing_sessionmaker
 from dblayer.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 # --8<-- [start:create_app]
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; its engine is created at start-up (from the environment unless `settings` is
-    given) and disposed at shutdown, so no connection outlives the process's event loop."""
+    given) and disposed at shutdown, so no connection outlives the process's event loop. With
+    `DATABASE_REPLICA_URL` set, a replica's engine too, and sessions route reads to it
+    (dblayer.routing); without it, a routing session sends everything to the primary."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,13 +33,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "only, so other instances and workers refuse them; set the same value everywhere"
             )
         engine = create_engine(resolved)
+        replica = create_replica_engine(resolved)  # DATABASE_REPLICA_URL unset: None
         app.state.settings = resolved
         app.state.engine = engine
-        app.state.sessionmaker = create_sessionmaker(engine)
+        app.state.replica_engine = replica
+        app.state.sessionmaker = create_routing_sessionmaker(engine, replica)
         try:
             yield
         finally:
             await engine.dispose()
+            if replica is not None:
+                await replica.dispose()
 
     app = FastAPI(title="dblayer reference app", lifespan=lifespan)
     add_error_handlers(app)
