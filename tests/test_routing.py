@@ -213,6 +213,29 @@ async def test_the_app_reads_from_the_replica_and_writes_to_the_primary(
         assert (await client.get("/tasks")).json()["items"] == [created.json()]  # caught up
 
 
+async def test_a_request_that_may_write_reads_on_the_primary(
+    settings: Settings, replica_databases: ReplicaDatabases
+) -> None:
+    """The services read before they write (the user a task is for, a taken email): on a replica
+    behind, a task for a user created a moment ago would be a 404, and a replica that is down
+    would fail every POST. A POST, PUT, PATCH or DELETE request runs on the primary throughout."""
+    app = create_app(settings)
+    async for client in client_for(app):
+        with paused(replica_databases):
+            ada = await new_user(client)  # on the primary only, for now
+            task = {"user_id": ada["id"], "title": "for a user the replica has not seen"}
+            assert (await client.post("/tasks", json=task)).status_code == 201
+            assert (await client.get(f"/users/{ada['id']}")).status_code == 404  # a GET: replica
+    replica = settings.for_replica()
+    assert replica is not None
+    down = replica.url.set(port=1).render_as_string(hide_password=False)
+    app = create_app(settings.model_copy(update={"database_replica_url": SecretStr(down)}))
+    async for client in client_for(app):
+        ada = await new_user(client, "grace")  # writes while the replica is down
+        task = {"user_id": ada["id"], "title": "no replica needed"}
+        assert (await client.post("/tasks", json=task)).status_code == 201
+
+
 async def test_without_a_replica_url_the_app_has_no_replica_engine(settings: Settings) -> None:
     app = create_app(settings.model_copy(update={"database_replica_url": None}))
     async for client in client_for(app):

@@ -5,7 +5,9 @@ A session of `create_routing_sessionmaker` decides per statement, in `get_bind` 
 SELECT with a data-modifying CTE, a SELECT marked `.execution_options(primary=True)` and a
 `text()` statement (which could be anything) go to the primary, and so does everything after them
 in the same session: a replica replays the primary's WAL a little later, so a read right after a
-write could miss it. Other SELECTs go to the replica: a read whose result feeds a write (read,
+write could miss it. A session whose `info["primary"]` is set stays on the primary from the
+start (the API sets it for a request that may write: see `api/deps.py`). Other SELECTs go to the
+replica: a read whose result feeds a write (read,
 change, commit) must say `primary=True` or `with_for_update()`, else it may read a stale row and
 its commit overwrite a newer value; so must a SELECT of a function that writes (`nextval`).
 Without a replica, all goes to the primary.
@@ -52,7 +54,7 @@ class RoutingSession(Session):
         **kw: Any,
     ) -> Engine | Connection:
         primary = super().get_bind(mapper, clause=clause, **kw)
-        if self.replica is None or self.wrote:
+        if self.replica is None or self.wrote or self.info.get("primary"):
             return primary
         if self._flushing or not _is_plain_read(clause):
             self.wrote = True  # read-your-writes: later reads must see what this one changes
