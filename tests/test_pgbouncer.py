@@ -159,10 +159,10 @@ def _talk_and_interrupt(process: subprocess.Popen[str], url: URL) -> None:
         assert process.stdout is not None
         line = process.stdout.readline().strip()
         assert line.startswith("DATABASE_URL=postgresql+psycopg://")
-        assert isinstance(url.password, str)
-        assert url.password not in line  # the URL printed without the password
         through = make_url(line.removeprefix("DATABASE_URL="))
-        assert through.password == "***"
+        if url.password is not None:  # a trusting server's URL has none to hide
+            assert str(url.password) not in line  # the URL printed without the password
+            assert through.password == "***"
         with psycopg.connect(
             host=through.host,
             port=through.port,
