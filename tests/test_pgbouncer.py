@@ -55,6 +55,18 @@ def test_trust_where_the_url_has_no_password() -> None:
     assert (bouncer.users, bouncer.auth_type) == ({"app": ""}, "trust")
 
 
+def test_a_url_with_a_password_authenticates_with_the_servers_verifier(server: Server) -> None:
+    """Whatever the server's own authentication (a trusting one too): with a password in the
+    URL, PgBouncer checks SCRAM against the verifier the server keeps for the role."""
+    require_pgbouncer()
+    url = server.admin_url.set(password=server.admin_url.password or "unused")
+    bouncer = for_server(url)
+    assert bouncer.auth_type == "scram-sha-256"
+    username = url.username or "postgres"
+    assert set(bouncer.users) <= {username}
+    assert all(secret.startswith("SCRAM-SHA-256$") for secret in bouncer.users.values())
+
+
 def test_not_installed_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(module, "_SEARCH_PATH", ())
     with pytest.raises(PgBouncerError) as caught:
