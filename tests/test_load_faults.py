@@ -12,7 +12,6 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
-import psycopg
 import pytest
 import uvicorn
 from sqlalchemy import URL
@@ -21,6 +20,7 @@ from dblayer import prestart
 from dblayer.api import create_app
 from dblayer.embedded import EmbeddedPostgres
 from dblayer.settings import Driver
+from dblayer.testing import connect
 from tests.apps import free_port, settings_for
 from tests.databases import Server
 from tests.pgbouncer import serve_pgbouncer
@@ -148,14 +148,7 @@ def test_every_app_connection_terminated_under_load(
 
     def terminate() -> int:
         admin = server.admin_url
-        with psycopg.connect(
-            host=admin.host,
-            port=admin.port,
-            user=admin.username,
-            password=admin.password if isinstance(admin.password, str) else None,
-            dbname="postgres",
-            autocommit=True,
-        ) as conn:
+        with connect(admin.set(database="postgres")) as conn:
             rows = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = %s AND pid <> pg_backend_pid()",

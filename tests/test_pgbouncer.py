@@ -20,6 +20,7 @@ from dblayer import pgbouncer as module
 from dblayer.engine import create_engine
 from dblayer.pgbouncer import NOT_INSTALLED, PgBouncer, PgBouncerError, find_pgbouncer, for_server
 from dblayer.settings import Driver, get_settings
+from dblayer.testing import connect
 from tests.databases import Databases, Server
 from tests.pgbouncer import require_pgbouncer
 
@@ -262,14 +263,7 @@ def test_main_needs_a_superuser(
     require_pgbouncer()
     role = f"not_super_{os.getpid()}"
     admin = server.admin_url
-    with psycopg.connect(
-        host=admin.host,
-        port=admin.port,
-        user=admin.username,
-        password=admin.password if isinstance(admin.password, str) else None,
-        dbname="postgres",
-        autocommit=True,
-    ) as conn:
+    with connect(admin.set(database="postgres")) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'not-super-secret'")
         try:
             url = admin.set(username=role, password="not-super-secret", database="postgres")
