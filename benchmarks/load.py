@@ -42,6 +42,7 @@ CLIENTS = (8, 32, 64)
 REQUESTS = 1000  # per point (one row, one number of clients)
 WARMUP = 100  # requests before each row's points, not counted
 POINT_TIMEOUT = 60.0  # seconds: a point that takes longer stops and says so
+STATS_DELAY = 1.2  # seconds: see sessions()
 REQUEST_TIMEOUT = 40.0  # longer than the pool's 30 s timeout: its 503 is seen, not ours
 DATABASE = "dblayer_load"
 PATH = "/tasks?limit=20"
@@ -56,6 +57,7 @@ class Point:
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer (a timeout, a reset)
+    opened: int = 0  # connections the server accepted for the database during the point
     stopped: bool = False  # POINT_TIMEOUT reached
 
     @property
@@ -156,7 +158,32 @@ def served(env: dict[str, str]) -> Iterator[str]:
             process.wait()
 
 
-def measure_rows(configurations: dict[str, dict[str, str]]) -> dict[str, list[Point]]:
+def admin_connection(admin: URL) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(
+        host=admin.host,
+        port=admin.port,
+        user=admin.username,
+        password=admin.password if isinstance(admin.password, str) else None,
+        dbname=admin.database or "postgres",
+        autocommit=True,
+    )
+
+
+def sessions(admin: URL) -> int:
+    """Connections the server has accepted for the database so far (`pg_stat_database`). A
+    backend reports its connection at its first idle moment, at most a second later: wait that."""
+    time.sleep(STATS_DELAY)
+    with admin_connection(admin) as conn:
+        row = conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = %s", (DATABASE,)
+        ).fetchone()
+    assert row is not None
+    opened = row[0]
+    assert isinstance(opened, int)
+    return opened
+
+
+def measure_rows(admin: URL, configurations: dict[str, dict[str, str]]) -> dict[str, list[Point]]:
     """Every configuration served at once (idle but one); the points taken in turn, each number
     of clients across the configurations: a busy moment of the machine is shared out."""
     with contextlib.ExitStack() as stack:
@@ -166,20 +193,16 @@ def measure_rows(configurations: dict[str, dict[str, str]]) -> dict[str, list[Po
         rows: dict[str, list[Point]] = {name: [] for name in configurations}
         for clients in CLIENTS:
             for name, base in bases.items():
-                rows[name].append(asyncio.run(drive(base, clients, REQUESTS)))
+                before = sessions(admin)
+                point = asyncio.run(drive(base, clients, REQUESTS))
+                point.opened = sessions(admin) - before
+                rows[name].append(point)
         return rows
 
 
 def prepare(admin: URL) -> tuple[URL, str]:
     """A fresh database on the server of `admin`, migrated and seeded by pre-start."""
-    with psycopg.connect(
-        host=admin.host,
-        port=admin.port,
-        user=admin.username,
-        password=admin.password if isinstance(admin.password, str) else None,
-        dbname=admin.database or "postgres",
-        autocommit=True,
-    ) as conn:
+    with admin_connection(admin) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
         conn.execute(f'CREATE DATABASE "{DATABASE}"')
         server = str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]  # type: ignore[index]
@@ -195,19 +218,20 @@ def prepare(admin: URL) -> tuple[URL, str]:
 
 def table(rows: dict[str, list[Point] | str], server: str, pgbouncer: str) -> str:
     lines = [
-        "| configuration | clients | requests/s | p50 | p99 | non-200 / no answer |",
-        "|---|---|---|---|---|---|",
+        "| configuration | clients | requests/s | p50 | p99 | connections opened "
+        "| non-200 / no answer |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, points in rows.items():
         if isinstance(points, str):
-            lines.append(f"| {name} | | | | | {points} |")
+            lines.append(f"| {name} | | | | | | {points} |")
             continue
         for point in points:
             stopped = f" (stopped at {POINT_TIMEOUT:.0f} s)" if point.stopped else ""
             lines.append(
                 f"| {name} | {point.clients} | {point.throughput:.0f} "
                 f"| {point.percentile(50) * 1e3:.1f} ms | {point.percentile(99) * 1e3:.1f} ms "
-                f"| {point.describe_failures()}{stopped} |"
+                f"| {point.opened} | {point.describe_failures()}{stopped} |"
             )
     lines.append("")
     pooled, unpooled = rows["documented pool"], rows["NullPool"]
@@ -223,7 +247,9 @@ def table(rows: dict[str, list[Point] | str], server: str, pgbouncer: str) -> st
         f"for). At the documented sizing: {timeouts} pool timeouts (503) and "
         f"{failed - timeouts} other non-200 answers or unanswered requests, over "
         f"{len(CLIENTS) * REQUESTS} requests. A failure is shown as count x status (or the "
-        f"exception of a request that got no answer)."
+        f"exception of a request that got no answer). Connections opened: how many the server "
+        f"accepted for the app's database during the point (`pg_stat_database.sessions`), "
+        f"PgBouncer's included."
     )
     settings = get_settings()
     lines.append("")
@@ -266,7 +292,7 @@ async def measure(admin: URL) -> str:
         if bouncer is not None:
             through = bouncer.url(url).render_as_string(hide_password=False)
             configurations["PgBouncer"] = {"DATABASE_URL": through, "DB_EXTERNAL_POOLER": "true"}
-        measured = await asyncio.to_thread(measure_rows, configurations)
+        measured = await asyncio.to_thread(measure_rows, admin, configurations)
     rows: dict[str, list[Point] | str] = dict(measured)
     if bouncer is None:
         rows["PgBouncer"] = f"skipped: {NOT_INSTALLED}"
