@@ -6,10 +6,12 @@ each in its own uvicorn process on 127.0.0.1: with the documented pool (the sett
 with `NullPool` (`DB_EXTERNAL_POOLER=true`, straight to the server) and through PgBouncer in
 transaction mode (`DB_EXTERNAL_POOLER=true`; left out, with a line, where it is not installed).
 
-The load generator is httpx's asyncio client (already a dependency): `clients` tasks, each with
-its own connection, send `GET /tasks?limit=20` until REQUESTS have been sent; a point also stops at
-POINT_TIMEOUT seconds. Locust would do the same, but runs on gevent (which does not mix with the
-asyncio app and engine of this project) and is bounded by time, not by a count of requests.
+The load generator is aiohttp's asyncio client: `clients` tasks, each with its own connection,
+send `GET /tasks?limit=20` until REQUESTS have been sent; a point also stops at POINT_TIMEOUT
+seconds. Locust would do the same, but runs on gevent (which does not mix with the asyncio app and
+engine of this project) and is bounded by time, not by a count of requests. httpx's client (which
+the tests use) was tried first: at 64 clients it spent more CPU than the app it drove, so the rows
+measured the client; the share of a CPU the client used is printed under the table.
 Writes docs/.bench/load.md, which docs/scaling.md includes; prints the same table.
 """
 
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
+import aiohttp
 import httpx
 import psycopg
 from sqlalchemy import URL
@@ -58,6 +61,7 @@ class Point:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer (a timeout, a reset)
     opened: int = 0  # connections the server accepted for the database during the point
+    client_cpu: float = 0.0  # CPU seconds the load generator (this process) spent on the point
     stopped: bool = False  # POINT_TIMEOUT reached
 
     @property
@@ -85,18 +89,21 @@ async def drive(base: str, clients: int, requests: int) -> Point:
     """`requests` GETs from `clients` concurrent clients; latencies of the answered ones."""
     point = Point(clients)
     left = iter(range(requests))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=REQUEST_TIMEOUT) as client:
+    # One keep-alive connection per client: the connector's limit is the number of clients.
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as client:
 
         async def one_client() -> None:
             for _ in left:  # shared: together the clients send `requests` in all
                 started = time.perf_counter()
                 try:
-                    response = await client.get(PATH)
-                except httpx.HTTPError as error:
+                    async with client.get(PATH) as response:
+                        await response.read()
+                except (aiohttp.ClientError, TimeoutError) as error:
                     point.errors[type(error).__name__] += 1
                     continue
-                point.statuses[response.status_code] += 1
+                point.statuses[response.status] += 1
                 point.latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -194,7 +201,9 @@ def measure_rows(admin: URL, configurations: dict[str, dict[str, str]]) -> dict[
         for clients in CLIENTS:
             for name, base in bases.items():
                 before = sessions(admin)
+                cpu = time.process_time()
                 point = asyncio.run(drive(base, clients, REQUESTS))
+                point.client_cpu = time.process_time() - cpu
                 point.opened = sessions(admin) - before
                 rows[name].append(point)
         return rows
@@ -251,11 +260,15 @@ def table(rows: dict[str, list[Point] | str], server: str, pgbouncer: str) -> st
         f"accepted for the app's database during the point (`pg_stat_database.sessions`), "
         f"PgBouncer's included."
     )
+    measured = [p for points in rows.values() if not isinstance(points, str) for p in points]
+    busiest = max(p.client_cpu / p.seconds for p in measured if p.seconds)
     settings = get_settings()
     lines.append("")
     lines.append(
         f"{REQUESTS} `GET {PATH}` per point (after {WARMUP} not counted), the configurations' "
-        f"points taken in turn, from one asyncio httpx {version('httpx')} client process, each "
+        f"points taken in turn, from one asyncio aiohttp {version('aiohttp')} client process "
+        f"(at most {busiest:.0%} of one CPU during any point: the load generator is not what "
+        f"limits the rows), each "
         f"client on its own keep-alive connection; each configuration's app in one uvicorn "
         f"{version('uvicorn')} worker, asyncpg {version('asyncpg')}, "
         f"SQLAlchemy {version('sqlalchemy')}. Documented pool: pool_size "
