@@ -51,7 +51,10 @@ def test_the_workflow_tests_every_major_then_builds_and_publishes_main_only() ->
     assert test["env"]["PG"] == "${{ matrix.pg }}"  # the servers the tests start: the same major
     assert test["env"]["REQUIRE_BROWSER_TEST"]
     assert test["env"]["REQUIRE_TLS_TEST"]
-    assert [step.get("run") for step in test["steps"] if "run" in step] == ["make test"]
+    assert test["env"]["REQUIRE_PGBOUNCER_TEST"]  # installed before the tests, never skipped
+    runs = [step.get("run") for step in test["steps"] if "run" in step]
+    assert runs[-1] == "make test"
+    assert any("apt-get install" in run and "pgbouncer" in run for run in runs[:-1])
     upload = next(s for s in test["steps"] if s.get("with", {}).get("path") == ".cache/verified/")
     assert upload["uses"].startswith("actions/upload-artifact@")
     assert upload["with"]["name"] == "verified-pg${{ matrix.pg }}"
