@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import URL, exc, text
@@ -205,14 +207,61 @@ def test_plan_refuses_impossible_budgets() -> None:
         plan_pool(max_connections=10, reserved=3, workers_per_host=8)
 
 
-def test_dispose_in_child_registers_a_fork_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dblayer.pool import dispose_in_child
+# A pre-forking server's master: it uses the engine on an event loop it keeps, forks, and uses it
+# again after the child (which connects on a loop of its own) is gone.
+_FORK = """
+import asyncio, os, sys
+from sqlalchemy import text
+from dblayer.engine import create_engine
+from dblayer.pool import dispose_in_child
 
-    hooks: list[object] = []
+engine = create_engine()
+dispose_in_child(engine)
+
+async def backend_pid():
+    async with engine.connect() as conn:
+        return await conn.scalar(text("SELECT pg_backend_pid()"))
+
+async def child_work():
+    pid = await backend_pid()
+    await engine.dispose()
+    return pid
+
+with asyncio.Runner() as runner:
+    parent = runner.run(backend_pid())
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if asyncio.run(child_work()) != parent else 1)
+    _, status = os.waitpid(child, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+    print("parent", runner.run(asyncio.wait_for(backend_pid(), 10)) == parent)
+    runner.run(engine.dispose())
+"""
+
+
+def test_a_forked_child_leaves_the_parents_connections_working(database_url: URL) -> None:
+    """The child gets connections of its own, and the parent's pooled connection still answers
+    after the child has gone: under asyncpg, collecting an inherited connection in the child
+    unregistered its socket from the event loop's epoll, which parent and child share, and the
+    parent's next query waited forever (seen running docs/pooling-production.md as a script)."""
+    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False)}
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout) == (0, "child 0\nparent True\n"), result.stderr
+
+
+def test_dispose_in_child_keeps_the_parents_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook itself (it runs in a child, where coverage is not recorded): a new empty pool,
+    the parent's kept referenced."""
+    from dblayer import pool
+
+    hooks: list[Callable[[], None]] = []
     monkeypatch.setattr(os, "register_at_fork", lambda **kw: hooks.append(kw["after_in_child"]))
+    monkeypatch.setattr(pool, "_inherited", [])
     engine = create_engine(get_settings())
-    disposed: list[bool] = []
-    monkeypatch.setattr(engine.sync_engine, "dispose", lambda close=True: disposed.append(close))
-    dispose_in_child(engine)
-    hooks[0]()  # type: ignore[operator]
-    assert disposed == [False]
+    parents = engine.sync_engine.pool
+    pool.dispose_in_child(engine)
+    hooks[0]()
+    assert engine.sync_engine.pool is not parents
+    assert pool._inherited == [parents]

@@ -198,11 +198,22 @@ async def server_limits(conn: AsyncConnection) -> tuple[int, int]:
 
 
 # --8<-- [start:fork]
+_inherited: list[object] = []  # the parent's pools, in a forked child: kept, never collected
+
+
 def dispose_in_child(engine: AsyncEngine) -> None:
     """After `os.fork()`, forget the parent's pooled connections without closing them.
 
     A child must never use, or close, a socket it inherited: closing would end the parent's
-    session too. `dispose(close=False)` drops the references and starts an empty pool.
+    session too. `dispose(close=False)` starts an empty pool; the old one is kept referenced, not
+    collected: collecting an asyncpg connection aborts it on the parent's event loop, whose epoll
+    the child shares, and takes its socket out of the parent's loop too. (A child ending in
+    `os._exit`, as multiprocessing's do, never collects them.)
     """
-    os.register_at_fork(after_in_child=lambda: engine.sync_engine.dispose(close=False))
+
+    def forget() -> None:
+        _inherited.append(engine.sync_engine.pool)
+        engine.sync_engine.dispose(close=False)
+
+    os.register_at_fork(after_in_child=forget)
     # --8<-- [end:fork]
