@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from dblayer.session import session_scope
 
 
-# --8<-- [start:session_dependency]
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """A session in a transaction for one request: committed when the endpoint returns,
     rolled back when it raises (the error handlers then answer)."""
@@ -30,4 +29,3 @@ READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # scope="function" (FastAPI >= 0.121) runs the code after `yield`, the COMMIT, before the
 # response is sent: a failing commit becomes an error response, not a 201 for lost data.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-# --8<-- [end:session_dependency]

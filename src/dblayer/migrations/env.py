@@ -30,7 +30,6 @@ if config.config_file_name is not None:  # the `alembic` command: log as alembic
 target_metadata = Base.metadata  # its naming convention names every constraint
 
 
-# --8<-- [start:configure]
 def _configure(**options: object) -> None:
     context.configure(
         target_metadata=target_metadata,
@@ -117,4 +116,3 @@ else:  # MIGRATION_DATABASE_URL (a role that owns the schema), else the app's DA
         settings.url, poolclass=pool.NullPool, connect_args=connect_args(settings)
     )
     asyncio.run(run_on(engine))
-# --8<-- [end:configure]

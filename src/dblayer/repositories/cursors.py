@@ -21,7 +21,6 @@ from pydantic_core import to_jsonable_python
 from dblayer.settings import get_settings
 
 
-# --8<-- [start:cursor]
 class InvalidCursorError(ValueError):
     """A cursor that was edited, signed under another key, or is not a cursor at all (the
     repository raises it as `InvalidQueryError`, a 422 in the API)."""
@@ -73,4 +72,3 @@ def decode_cursor(
         if isinstance(exc, InvalidCursorError):
             raise
         raise InvalidCursorError("invalid cursor") from None
-    # --8<-- [end:cursor]

@@ -14,7 +14,6 @@ from dblayer.models import Task, User
 from dblayer.repositories.base import Repository
 
 
-# --8<-- [start:users]
 class UserRepository(Repository[User]):
     model = User
     sortable = ("created_at", "username", "email")
@@ -68,4 +67,3 @@ class UserRepository(Repository[User]):
         )
         rows = await self.session.execute(statement)
         return [(user, tasks) for user, tasks in rows]
-        # --8<-- [end:users]

@@ -12,7 +12,6 @@ from dblayer.repositories import TaskRepository, UserRepository
 from dblayer.services.errors import InvalidStateError, NotFoundError
 
 
-# --8<-- [start:task_service]
 class TaskService:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -59,4 +58,3 @@ class TaskService:
         if task.status is TaskStatus.COMPLETED:
             raise InvalidStateError("a completed task cannot be cancelled")
         return await self.tasks.update(task, status=TaskStatus.CANCELLED)
-        # --8<-- [end:task_service]
