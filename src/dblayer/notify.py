@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -59,7 +59,7 @@ async def listen(
     on_listening: Callable[[], Awaitable[None]] | None = None,
     backoff: float = 0.1,
     max_backoff: float = 10.0,
-) -> AsyncIterator[Notification]:
+) -> AsyncGenerator[Notification, None]:
     """Yield the notifications sent on `channels`, on a connection of the listener's own.
 
     After the connection dies, connects again (random waits below `backoff * 2**n` seconds,
@@ -81,7 +81,7 @@ async def listen(
             try:
                 if on_listening is not None:
                     await on_listening()
-                async for notification in received:
+                async for notification in received:  # pragma: no branch - ends by raising
                     yield notification
             except ConnectionLostError as error:
                 logger.warning("listener: %s; listening again", error)
@@ -139,9 +139,8 @@ async def _from_psycopg(driver: psycopg.AsyncConnection) -> AsyncIterator[Notifi
 
 
 def _may_reconnect(error: BaseException) -> bool:
-    if isinstance(error, DatabaseUnavailableError):
-        return error.transient  # refused, timed out: the server may come back
-    return isinstance(error, ConnectionLostError)
+    """Refused, timed out: the server may come back. Not a wrong password or database."""
+    return isinstance(error, DatabaseUnavailableError) and error.transient
 
 
 def _log_reconnect(state: RetryCallState) -> None:
