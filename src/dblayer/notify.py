@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -88,6 +88,7 @@ async def listen(
                 # jitter: listeners that lost the same server do not come back in step
                 await asyncio.sleep(random.uniform(0, backoff))  # noqa: S311 - not a secret
             finally:
+                await received.aclose()  # psycopg's notifies() holds the connection's lock
                 await connection.invalidate()  # closed, never back in a pool with its LISTEN
     finally:
         await engine.dispose()
@@ -95,12 +96,13 @@ async def listen(
 
 async def _listening(
     engine: AsyncEngine, channels: Sequence[str]
-) -> tuple[AsyncConnection, AsyncIterator[Notification]]:
+) -> tuple[AsyncConnection, AsyncGenerator[Notification, None]]:
     """Connect, LISTEN on every channel, and return what yields the notifications: the only
     place where the two drivers differ."""
     connection = await engine.connect()
     try:
         driver = (await connection.get_raw_connection()).driver_connection
+        notifications: AsyncGenerator[Notification, None]
         if isinstance(driver, asyncpg.Connection):
             # asyncpg reads the socket by itself and calls back; a queue makes that iterable.
             queue: asyncio.Queue[Notification | None] = asyncio.Queue()
@@ -111,25 +113,31 @@ async def _listening(
             driver.add_termination_listener(lambda _: queue.put_nowait(None))
             for channel in channels:
                 await driver.add_listener(channel, received)  # LISTEN, the name quoted
-            return connection, _from_queue(queue)
-        quote = connection.dialect.identifier_preparer.quote_identifier  # "Jobs" stays Jobs
-        for channel in channels:
-            await connection.execute(text(f"LISTEN {quote(channel)}"))
-        await connection.commit()  # a LISTEN takes effect at commit
-        assert isinstance(driver, psycopg.AsyncConnection)
-        return connection, _from_psycopg(driver)
+            notifications = _from_queue(queue)
+        else:
+            assert isinstance(driver, psycopg.AsyncConnection)
+            quote = connection.dialect.identifier_preparer.quote_identifier  # "Jobs" stays Jobs
+            for channel in channels:
+                await connection.execute(text(f"LISTEN {quote(channel)}"))
+            notifications = _from_psycopg(driver)
+        await connection.commit()  # a LISTEN takes effect at commit, and none is delivered in one
+        return connection, notifications
     except BaseException:
         await connection.invalidate()
         raise
 
 
-async def _from_queue(queue: asyncio.Queue[Notification | None]) -> AsyncIterator[Notification]:
+async def _from_queue(
+    queue: asyncio.Queue[Notification | None],
+) -> AsyncGenerator[Notification, None]:
     while (notification := await queue.get()) is not None:
         yield notification
     raise ConnectionLostError("the connection was closed")
 
 
-async def _from_psycopg(driver: psycopg.AsyncConnection) -> AsyncIterator[Notification]:
+async def _from_psycopg(
+    driver: psycopg.AsyncConnection,
+) -> AsyncGenerator[Notification, None]:
     try:
         async for notify in driver.notifies():
             yield Notification(notify.channel, notify.payload)
