@@ -91,9 +91,10 @@ def test_a_project_keeps_its_files_and_gets_only_the_missing_keys(
     assert text.count("POSTGRES_HOST=") == 1
     assert "DATABASE_URL=postgresql://postgres" not in text  # commented out counts as there
     assert "DATABASE_DRIVER=psycopg\n" in text
-    appended = next(line for line in out.splitlines() if line.startswith("appended"))
-    assert appended.startswith("appended .env.example (")
+    appended = out[out.index("appended .env.example (13 keys):") : out.index("next steps")]
+    assert "POSTGRES_PORT" in appended
     assert "POSTGRES_HOST" not in appended
+    assert " DATABASE_URL" not in appended
     before = snapshot(tmp_path)
     status, out, _ = run(capsys, tmp_path, "--package", "shop", "--driver", "psycopg")
     assert (status, snapshot(tmp_path)) == (0, before)
@@ -279,8 +280,9 @@ def _check_project(project: Path, env: dict[str, str], python: str, package: str
         project, env, python, "-m", "alembic", "upgrade", "head"
     )
     assert "No new upgrade operations" in _sh(project, env, python, "-m", "alembic", "check")
+    # Migrated already: the pre-start waits, finds the head applied and seeds (its seed's
+    # idempotence is one of the emitted tests).
     assert "seed: created (2 items)" in _sh(project, env, python, "-m", f"{package}.prestart")
-    assert "seed: already there" in _sh(project, env, python, "-m", f"{package}.prestart")
     assert " passed" in _sh(project, env, python, "-m", "pytest", "-q", "-p", "no:randomly")
     _sh(project, env, python, "-m", "ruff", "check", ".")
     _sh(project, env, python, "-m", "ruff", "format", "--check", ".")

@@ -20,6 +20,7 @@ import difflib
 import keyword
 import re
 import sys
+import textwrap
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -292,8 +293,7 @@ def apply(target: Path, options: Options, *, dry_run: bool = False) -> list[Outc
         separator = "" if existing.endswith("\n") or not existing else "\n"
         added = "# The database layer's settings (python -m dblayer.scaffold):\n"
         text = existing + separator + added + "".join(lines for _, lines in missing)
-        keys = ", ".join(key for key, _ in missing)
-        outcomes.append(Outcome(".env.example", "appended", f"{len(missing)} keys: {keys}"))
+        outcomes.append(Outcome(".env.example", "appended", ", ".join(k for k, _ in missing)))
     else:
         outcomes.append(Outcome(".env.example", "skipped", "has every key"))
         return outcomes
@@ -344,16 +344,24 @@ def _diff(yours: str, guide: str, path: str) -> Iterator[str]:
     return (f"    {line}" for line in diff)
 
 
-def next_steps(target: str, options: Options, outcomes: list[Outcome]) -> list[str]:
+def next_steps(target: Path, options: Options) -> list[str]:
+    """What to do next; for a `pyproject.toml` of the reader's own, what it needs."""
     steps = [f"next steps (in {target}):"]
-    if any(o.path == "pyproject.toml" and o.action == "skipped" for o in outcomes):
+    pyproject = target / "pyproject.toml"
+    if pyproject.is_file() and pyproject.read_text("utf-8") != _pyproject(options):
         runtime, test = dependencies(options)
         steps += [
-            "  your pyproject.toml was left as it is; it needs:",
-            f"    dependencies: {', '.join(runtime)}",
-            f"    a test extra: {', '.join(test)}",
-            f'    [tool.pytest.ini_options] pythonpath = ["{options.source_root}"], '
-            'asyncio_mode = "auto", asyncio_default_fixture_loop_scope = "function"',
+            "  your pyproject.toml was left as it is; it needs",
+            *_wrapped("dependencies: ", runtime),
+            *_wrapped("a test extra: ", test),
+            *_wrapped(
+                "[tool.pytest.ini_options] ",
+                [
+                    f'pythonpath = ["{options.source_root}"]',
+                    'asyncio_mode = "auto"',
+                    'asyncio_default_fixture_loop_scope = "function"',
+                ],
+            ),
         ]
     steps += [
         "  python -m pip install -e '.[test]'",
@@ -362,6 +370,18 @@ def next_steps(target: str, options: Options, outcomes: list[Outcome]) -> list[s
         "  pytest   # on TEST_DATABASE_URL, else an embedded PostgreSQL",
     ]
     return steps
+
+
+def _wrapped(label: str, items: list[str], indent: str = "    ", hang: str = "  ") -> list[str]:
+    """`label a, b, c` in lines of at most 100 characters, as a terminal shows them."""
+    return textwrap.wrap(
+        label + ", ".join(items),
+        width=100,
+        initial_indent=indent,
+        subsequent_indent=indent + hang,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -418,7 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{verb} package {options.package} in {target} ({layout}, {options.driver}, {with_api})")
     for outcome in outcomes:
         prefix = f"{'would be ' if args.dry_run else ''}{outcome.action:<9}"
-        detail = f" ({outcome.detail})" if outcome.detail else ""
-        print(f"{prefix}{outcome.path}{detail}")
-    print("\n".join(next_steps(str(target), options, outcomes)))
+        if outcome.action == "appended":
+            keys = outcome.detail.split(", ")
+            print(f"{prefix}{outcome.path} ({len(keys)} keys):")
+            print("\n".join(_wrapped("", keys, indent=" " * 9, hang="")))
+        else:
+            detail = f" ({outcome.detail})" if outcome.detail else ""
+            print(f"{prefix}{outcome.path}{detail}")
+    print("\n".join(next_steps(target, options)))
     return 0
