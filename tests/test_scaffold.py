@@ -134,7 +134,7 @@ def test_check_shows_what_the_guide_changed(
     item.write_text(item.read_text() + "# the reader's own change\n")
     env = tmp_path / ".env.example"
     env.write_text(env.read_text().replace("DB_ECHO=false\n", ""))
-    status, out, _ = run(capsys, tmp_path, "--package", "shop", "--check")
+    status, out, _ = run(capsys, tmp_path, "--package", "shop", "--no-fastapi", "--check")
     assert status == 1
     assert "changed   src/shop/engine.py" in out
     assert "    --- src/shop/engine.py (yours)" in out
@@ -191,9 +191,10 @@ def test_drop_removes_the_imports_only_the_dropped_code_used() -> None:
         "from a import (\n    b,\n    c,\n)\n"
         "if TYPE_CHECKING:\n    import httpx\n"
         "def gone() -> httpx.Client:\n    return j.loads(c)\n"
+        "GONE: int = 1\n"
         "def kept(v: Any) -> str:\n    return os.path.join(b, 'x')\n"
     )
-    assert drop(source, ["gone"]) == (
+    assert drop(source, ["gone", "GONE"]) == (
         "from __future__ import annotations\n"
         "import os.path\n"
         "from x import *\n"
