@@ -325,7 +325,8 @@ def test_the_emitted_project_installs_into_a_fresh_virtualenv(
     tmp_path: Path, server: Server, databases: Databases, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """As a reader does it: a new virtualenv, `pip install -e '.[test]'` from the package index,
-    nothing of this suite's installed."""
+    nothing of this suite's installed, and its tests on the embedded PostgreSQL they start
+    (no TEST_DATABASE_URL)."""
     project = tmp_path / "shop"
     project.mkdir()
     assert run(capsys, project, "--package", "shop")[0] == 0
@@ -339,6 +340,7 @@ def test_the_emitted_project_installs_into_a_fresh_virtualenv(
         url = databases.url(database, "asyncpg").render_as_string(hide_password=False)
         env = _environment(project, server, url, "asyncpg", environment / "bin")
         env.pop("PYTEST_ADDOPTS")
+        env.pop("TEST_DATABASE_URL")
         _check_project(project, env, python, "shop")
     finally:
         databases.drop(database)
