@@ -1,0 +1,219 @@
+"""Python source as the scaffold emits it: the guide's modules with the package renamed by libcst
+(a concrete syntax tree, so comments and formatting stay as the pages show them).
+
+Three steps, each a libcst transform and never a text replacement of code:
+
+* `include`: a template line `# scaffold: include dblayer.prestart seed main` becomes those
+  top-level statements of the canonical module, with the comments above them;
+* `drop`: top-level statements that define the given names go (and imports left unused);
+* `rename`: `dblayer` becomes the reader's package in imports, and in string literals where a
+  string names one of the emitted modules (`"dblayer.migrate:upgrade"`) or a `dblayer_` prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from pathlib import Path
+
+import libcst as cst
+
+SOURCE = Path(__file__).resolve().parent.parent  # src/dblayer: the canonical code
+CANONICAL = "dblayer"
+# The guide's section markers (`# --8<-- [start:name]`): machinery of the pages, not code.
+_MARKER = re.compile(r"[ \t]*# --8<-- \[(?:start|end):[\w-]+\][ \t]*\n?")
+_INCLUDE = re.compile(r"^# scaffold: include ([\w.]+) ([\w ]+)\n", flags=re.M)
+
+
+class ScaffoldError(Exception):
+    """A prerequisite the scaffold refuses, said in one line."""
+
+
+def canonical_text(module: str) -> str:
+    """The source of `dblayer.x.y` (a module of this package), without the section markers."""
+    parts = module.split(".")
+    if parts[0] != CANONICAL:
+        raise ScaffoldError(f"not a module of {CANONICAL}: {module}")
+    path = SOURCE.joinpath(*parts[1:]).with_suffix(".py")
+    return strip_markers(path.read_text("utf-8"))
+
+
+def strip_markers(text: str) -> str:
+    """`text` without the section markers, and without the blank line a marker between two
+    blank lines would leave doubled."""
+    kept: list[str] = []
+    lines = text.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if _MARKER.fullmatch(line):
+            following = lines[index + 1] if index + 1 < len(lines) else "\n"
+            if kept and not kept[-1].strip() and not following.strip():
+                kept.pop()
+            continue
+        kept.append(line)
+    return "".join(kept).rstrip("\n") + "\n" if kept else ""
+
+
+def _defined_names(statement: cst.CSTNode) -> set[str]:
+    """The names a top-level statement defines (a def, a class, an assignment's targets)."""
+    if isinstance(statement, cst.FunctionDef | cst.ClassDef):
+        return {statement.name.value}
+    names: set[str] = set()
+    if isinstance(statement, cst.SimpleStatementLine):
+        for small in statement.body:
+            targets: list[cst.BaseExpression] = []
+            if isinstance(small, cst.Assign):
+                targets = [target.target for target in small.targets]
+            elif isinstance(small, cst.AnnAssign):
+                targets = [small.target]
+            names |= {target.value for target in targets if isinstance(target, cst.Name)}
+    return names
+
+
+def definitions(module: str, names: Collection[str]) -> str:
+    """The top-level statements of `module` that define `names`, in the module's order, each
+    with the blank lines and comments above it."""
+    tree = cst.parse_module(canonical_text(module))
+    found = [s for s in tree.body if _defined_names(s) & set(names)]
+    missing = set(names) - set().union(*(_defined_names(s) for s in found))
+    if missing:
+        raise ScaffoldError(f"{module} no longer defines {', '.join(sorted(missing))}")
+    code = [tree.code_for_node(statement) for statement in found]
+    return "".join([code[0].lstrip("\n"), *code[1:]])  # the template spaces the first
+
+
+def include(template: str) -> str:
+    """Replace each `# scaffold: include module name…` line with those definitions."""
+    return _INCLUDE.sub(lambda m: definitions(m.group(1), m.group(2).split()), template)
+
+
+def drop(source: str, names: Collection[str]) -> str:
+    """`source` without the top-level statements defining `names`, nor the imports only they
+    used; an `if TYPE_CHECKING:` block left with no import goes too."""
+    tree = cst.parse_module(source)
+    tree = tree.with_changes(body=[s for s in tree.body if not _defined_names(s) & set(names)])
+    for _ in range(2):  # again once an emptied `if TYPE_CHECKING:` went: its name is unused
+        used = _UsedNames()
+        tree.visit(used)
+        tree = tree.visit(_RemoveUnusedImports(used.names))
+        tree = tree.with_changes(body=[s for s in tree.body if not _empty_if(s)])
+    return tree.code
+
+
+class _UsedNames(cst.CSTVisitor):
+    """Every identifier the code uses outside its imports, and every word of its strings (an
+    annotation or `cast("Callable[...]", x)` may name an import in a string)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_Import(self, node: cst.Import) -> bool:
+        return False
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> bool:
+        return False
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.add(node.value)
+
+    def visit_Expr(self, node: cst.Expr) -> bool:
+        return not isinstance(node.value, cst.SimpleString)  # a docstring names no import
+
+    def visit_SimpleString(self, node: cst.SimpleString) -> None:
+        self.names |= set(re.findall(r"\w+", node.value))
+
+
+class _RemoveUnusedImports(cst.CSTTransformer):
+    def __init__(self, used: set[str]) -> None:
+        super().__init__()
+        self.used = used
+
+    def leave_Import(
+        self, original_node: cst.Import, updated_node: cst.Import
+    ) -> cst.Import | cst.RemovalSentinel:
+        kept = [a for a in updated_node.names if self._bound(a) in self.used]
+        if not kept:
+            return cst.RemoveFromParent()
+        return updated_node.with_changes(names=_last_without_comma(kept))
+
+    def leave_ImportFrom(
+        self, original_node: cst.ImportFrom, updated_node: cst.ImportFrom
+    ) -> cst.ImportFrom | cst.RemovalSentinel:
+        module = updated_node.module
+        if isinstance(module, cst.Name) and module.value == "__future__":
+            return updated_node
+        if isinstance(updated_node.names, cst.ImportStar):
+            return updated_node
+        kept = [a for a in updated_node.names if self._bound(a) in self.used]
+        if not kept:
+            return cst.RemoveFromParent()
+        if updated_node.lpar is not None:  # one name a line: the last line's comma and break
+            last = updated_node.names[-1].comma
+            return updated_node.with_changes(names=[*kept[:-1], kept[-1].with_changes(comma=last)])
+        return updated_node.with_changes(names=_last_without_comma(kept))
+
+    @staticmethod
+    def _bound(alias: cst.ImportAlias) -> str:
+        """The name an import binds: its `as` name, else the first part of the dotted name."""
+        if alias.asname is not None and isinstance(alias.asname.name, cst.Name):
+            return alias.asname.name.value
+        node: cst.BaseExpression = alias.name
+        while isinstance(node, cst.Attribute):
+            node = node.value
+        return node.value if isinstance(node, cst.Name) else ""
+
+
+def _last_without_comma(aliases: list[cst.ImportAlias]) -> list[cst.ImportAlias]:
+    return [*aliases[:-1], aliases[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)]
+
+
+def _empty_if(statement: cst.CSTNode) -> bool:
+    """`if TYPE_CHECKING:` whose imports all went (libcst leaves a `pass` in their place)."""
+    if not isinstance(statement, cst.If) or statement.orelse is not None:
+        return False
+    return all(
+        isinstance(line, cst.SimpleStatementLine)
+        and all(isinstance(small, cst.Pass) for small in line.body)
+        for line in statement.body.body
+    )
+
+
+class _RenamePackage(cst.CSTTransformer):
+    """The identifier `dblayer`, wherever it stands (`from dblayer.x import y`, `import
+    dblayer.x`, `dblayer.x.y`), becomes the package; `_dblayer_run` is another identifier."""
+
+    def __init__(self, package: str) -> None:
+        super().__init__()
+        self.package = package
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.Name:
+        if updated_node.value == CANONICAL:
+            return updated_node.with_changes(value=self.package)
+        return updated_node
+
+
+class _RenameStrings(cst.CSTTransformer):
+    """`"dblayer.migrate:upgrade"` -> `"shop.migrate:upgrade"`, `"dblayer_testing_"` ->
+    `"shop_testing_"`, `DBLAYER_PG` -> `SHOP_PG`; a mention of a module the reader does not get
+    (`dblayer.routing`) stays, as a pointer to the guide."""
+
+    def __init__(self, package: str, modules: Collection[str]) -> None:
+        super().__init__()
+        self.package = package
+        alternatives = "|".join(sorted((re.escape(m) for m in modules), key=len, reverse=True))
+        self.pattern = re.compile(rf"\b{CANONICAL}(?=\.(?:{alternatives})\b|_)")
+        self.upper = re.compile(rf"\b{CANONICAL.upper()}_")
+
+    def leave_SimpleString(
+        self, original_node: cst.SimpleString, updated_node: cst.SimpleString
+    ) -> cst.SimpleString:
+        value = self.pattern.sub(self.package, updated_node.value)
+        value = self.upper.sub(f"{self.package.upper()}_", value)
+        return updated_node.with_changes(value=value)
+
+
+def rename(source: str, package: str, modules: Collection[str]) -> str:
+    """`source` with `dblayer` as `package`: imports, references, and strings naming `modules`
+    (dotted paths below the package, like `migrate` or `api.deps`)."""
+    tree = cst.parse_module(source).visit(_RenamePackage(package))
+    return tree.visit(_RenameStrings(package, modules)).code
