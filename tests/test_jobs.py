@@ -208,6 +208,7 @@ async def test_a_retry_waits_a_delay_that_doubles(sessionmaker: Maker) -> None:
         assert await run_one(sessionmaker, "q", failing) is None  # not due yet
         async with session_scope(sessionmaker) as session:
             delay = await session.scalar(select(Job.run_after - func.now()))
+            assert delay is not None
             delays.append(round(delay.total_seconds() / 3600))
             await session.execute(text("UPDATE jobs SET run_after = now()"))  # time passes
     assert delays == [1, 2, 4]
@@ -219,7 +220,8 @@ async def test_queues_are_separate_and_an_empty_one_gives_none(sessionmaker: Mak
     [other] = await _enqueue(sessionmaker, 1, queue="other")
     assert await run_one(sessionmaker, "q", _nothing) is None
     taken = await run_one(sessionmaker, "other", _nothing)
-    assert taken is not None and taken.id == other
+    assert taken is not None
+    assert taken.id == other
 
 
 async def test_a_job_is_enqueued_only_if_the_caller_commits(sessionmaker: Maker) -> None:

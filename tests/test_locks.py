@@ -53,31 +53,39 @@ async def _blocked(engine: AsyncEngine) -> bool:
         return bool(await conn.scalar(text(query)))
 
 
+async def _hold_then_end(
+    first: Maker, second: Maker, engine: AsyncEngine, ending: str
+) -> list[str]:
+    """`first` holds the lock; `second` asks for it and waits; `first` ends its transaction."""
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with session_scope(second) as session:
+            await xact_lock(session, "report")
+            order.append("waiter took it")
+
+    async with session_scope(first) as holder:
+        await xact_lock(holder, "report")
+        waiting = asyncio.create_task(waiter())
+        for _ in range(500):
+            if await _blocked(engine):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the second transaction never waited for the lock")
+        order.append(f"holder ends ({ending})")
+        if ending == "rollback":
+            await holder.rollback()
+    await asyncio.wait_for(waiting, 10)
+    return order
+
+
 async def test_a_transaction_lock_waits_for_its_holder_and_ends_with_the_transaction(
     makers: list[Maker], engine: AsyncEngine
 ) -> None:
     first, second = makers[:2]
     for ending in ("commit", "rollback") * 5:
-        order: list[str] = []
-        async with session_scope(first) as holder:
-            await xact_lock(holder, "report")
-
-            async def waiter() -> None:
-                async with session_scope(second) as session:
-                    await xact_lock(session, "report")
-                    order.append("waiter took it")
-
-            waiting = asyncio.create_task(waiter())
-            for _ in range(500):
-                if await _blocked(engine):
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the second transaction never waited for the lock")
-            order.append(f"holder ends ({ending})")
-            if ending == "rollback":
-                await holder.rollback()
-        await asyncio.wait_for(waiting, 10)
+        order = await _hold_then_end(first, second, engine, ending)
         assert order == [f"holder ends ({ending})", "waiter took it"]
         async with engine.connect() as conn:
             assert await conn.scalar(HELD) == 0
@@ -94,29 +102,34 @@ async def test_a_try_lock_never_waits(makers: list[Maker]) -> None:
         assert await try_xact_lock(session, "report")
 
 
-async def test_one_instance_of_several_runs_the_periodic_job(makers: list[Maker]) -> None:
-    """Each round every instance ticks at once; the job lasts until every instance has
-    looked, so each try happens while the job runs: exactly one ran it, every round."""
-    for _ in range(ROUNDS):
-        looked, everyone_looked = 0, asyncio.Event()
+async def _tick(makers: list[Maker]) -> list[bool]:
+    """Every instance at once; the job lasts until every instance has looked at it."""
+    looked, everyone_looked = 0, asyncio.Event()
 
-        def look() -> None:
-            nonlocal looked
-            looked += 1
-            if looked == INSTANCES:
-                everyone_looked.set()
+    def look() -> None:
+        nonlocal looked
+        looked += 1
+        if looked == INSTANCES:
+            everyone_looked.set()
 
-        async def job(session: AsyncSession) -> None:
+    async def job(session: AsyncSession) -> None:
+        look()
+        await asyncio.wait_for(everyone_looked.wait(), 10)
+
+    async def instance(maker: Maker) -> bool:
+        ran = await run_alone(maker, "cleanup", job)
+        if not ran:
             look()
-            await asyncio.wait_for(everyone_looked.wait(), 10)
+        return ran
 
-        async def instance(maker: Maker) -> bool:
-            ran = await run_alone(maker, "cleanup", job)
-            if not ran:
-                look()
-            return ran
+    return await asyncio.gather(*(instance(maker) for maker in makers))
 
-        ran = await asyncio.gather(*(instance(maker) for maker in makers))
+
+async def test_one_instance_of_several_runs_the_periodic_job(makers: list[Maker]) -> None:
+    """Each round every instance ticks at once, and each tries while the job runs: exactly
+    one ran it, every round."""
+    for _ in range(ROUNDS):
+        ran = await _tick(makers)
         assert sum(ran) == 1, ran
 
 
