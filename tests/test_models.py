@@ -52,7 +52,7 @@ def user(name: str = "ada", **values: object) -> User:
 
 
 def test_table_names_are_plural_snake_case() -> None:
-    assert sorted(Base.metadata.tables) == ["tasks", "users"]
+    assert sorted(Base.metadata.tables) == ["jobs", "tasks", "users"]
 
     class TaskComment(Base):
         __tablename__: str
@@ -71,6 +71,7 @@ def test_constraint_names_follow_the_convention() -> None:
         for table in Base.metadata.sorted_tables
     }
     assert names == {
+        "jobs": ["ix_jobs_queued", "pk_jobs"],
         "users": ["pk_users", "uq_users_email_live", "uq_users_username_live"],
         "tasks": [
             "fk_tasks_user_id_users",
@@ -348,7 +349,8 @@ async def test_deleting_a_user_deletes_their_tasks_in_the_database(session: Asyn
 
 def test_er_diagram_of_the_models() -> None:
     diagram = er_diagram()
-    assert diagram.startswith("erDiagram\n    users {\n        uuid id PK\n")
+    assert diagram.startswith("erDiagram\n    jobs {\n        bigint id PK\n")
+    assert "\n    users {\n        uuid id PK\n" in diagram
     assert "        varchar(320) email UK\n" in diagram
     assert "        user_role role\n" in diagram
     assert '        timestamptz deleted_at "nullable"\n' in diagram

@@ -80,8 +80,8 @@ def test_the_readme_table_check_catches_each_fault(tmp_path: Path) -> None:
         )
     shutil.copy(ROOT / "README.md", root)
     (root / "docs" / "new-chapter.md").write_text("# New\n")
-    (root / "src" / "dblayer" / "jobs.py").write_text('"""Jobs."""\n')
-    (root / "tests" / "test_jobs.py").write_text('"""Jobs."""\n')
+    (root / "src" / "dblayer" / "unlisted.py").write_text('"""Unlisted."""\n')
+    (root / "tests" / "test_unlisted.py").write_text('"""Unlisted."""\n')
     (root / "src" / "dblayer" / "session.py").unlink()
     plant(
         root / "docs" / "sessions.md",
@@ -91,8 +91,8 @@ def test_the_readme_table_check_catches_each_fault(tmp_path: Path) -> None:
     assert table_problems(root) == [
         "docs/new-chapter.md is listed 0 times",
         "src/dblayer/session.py does not exist",
-        "src/dblayer/jobs.py is in no row",
-        "tests/test_jobs.py is in no row",
+        "src/dblayer/unlisted.py is in no row",
+        "tests/test_unlisted.py is in no row",
         "docs/sessions.md includes src/dblayer/pool.py, which its row does not list",
     ]
     assert table_problems() == []  # the real checkout was not touched

@@ -210,9 +210,9 @@ def _as_a_non_superuser_owner(database_url: URL, *, public_as_on_pg14: bool) -> 
             pytest.skip("needs a superuser to hand the database over")
         admin.execute(f"CREATE ROLE \"{owner}\" LOGIN CREATEROLE PASSWORD 'owner'")
         admin.execute(f'ALTER DATABASE "{database_url.database}" OWNER TO "{owner}"')
-        for table in ("users", "tasks", "alembic_version"):
+        for table in ("users", "tasks", "jobs", "alembic_version"):
             admin.execute(f'ALTER TABLE {table} OWNER TO "{owner}"')
-        for enum in ("user_role", "task_status"):
+        for enum in ("user_role", "task_status", "job_status"):
             admin.execute(f'ALTER TYPE {enum} OWNER TO "{owner}"')
         if public_as_on_pg14:
             admin.execute("ALTER SCHEMA public OWNER TO CURRENT_USER")
