@@ -31,6 +31,7 @@ from tests.browser import (
 )
 from tests.faults import plant
 from tests.paths import DOCS, ROOT
+from tests.repository import UNKNOWN, clone_command, replace_marker
 
 LONGEST_FIRST = True  # conftest.py starts these tests before the others
 # More time than other tests get, and the thread method: once (the first run after installing
@@ -236,3 +237,32 @@ def test_mermaid_version_is_pinned_once() -> None:
     makefile = re.search(r"^MERMAID_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
     assert makefile
     assert f"mermaid@{makefile.group(1)}/" in (ROOT / "mkdocs.yml").read_text()
+
+
+CLONE_PAGES = ("index.md", "getting-started.md")  # the pages that say how to get the code
+
+
+def test_the_site_links_to_its_repository(tmp_path: Path) -> None:
+    """Built with REPO_URL (as CI builds it), the header links to the repository and both pages
+    show the real `git clone`; the pages' source holds the hook's marker, no placeholder."""
+    for name in CLONE_PAGES:
+        text = (DOCS / name).read_text("utf-8")
+        assert "<!-- git clone -->" in text, name
+        assert not re.search(r"git clone\s*<", text), name
+    site = tmp_path / "site"
+    build(ROOT, site, REPO_URL="https://github.com/example/guide", REPO_NAME="example/guide")
+    for name in CLONE_PAGES:
+        html = (site / name.replace(".md", "/index.html").replace("index/", "")).read_text()
+        header = [a for a in re.findall(r"<a\s[^>]*>", html) if 'class="md-source"' in a]
+        assert header, name
+        assert all('href="https://github.com/example/guide"' in a for a in header), header
+        code = re.sub(r"<[^>]+>", "", html).replace("&amp;", "&")
+        assert "git clone https://github.com/example/guide.git && cd guide" in code, name
+
+
+def test_without_repo_url_the_pages_say_so_rather_than_guess() -> None:
+    assert replace_marker("a\n<!-- git clone -->\nb", None) == f"a\n{UNKNOWN}\nb"
+    assert replace_marker("    <!-- git clone -->", "https://h/o/r/") == (
+        "    ```bash\n    git clone https://h/o/r.git && cd r\n    ```"
+    )
+    assert clone_command("https://h/o/r.git") == "git clone https://h/o/r.git && cd r"
