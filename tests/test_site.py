@@ -266,3 +266,24 @@ def test_without_repo_url_the_pages_say_so_rather_than_guess() -> None:
         "    ```bash\n    git clone https://h/o/r.git && cd r\n    ```"
     )
     assert clone_command("https://h/o/r.git") == "git clone https://h/o/r.git && cd r"
+
+
+_ROW_LINK = re.compile(r"^\| \[[^\]]+\]\(([^)#]+\.md)\)", re.M)
+
+
+def chapter_rows(index: str) -> list[str]:
+    """The pages the index's chapter table links to, in its order (the first link of each row)."""
+    return _ROW_LINK.findall(index)
+
+
+def test_the_index_lists_the_chapters_in_the_order_of_the_navigation() -> None:
+    """A reader who follows the index's table meets the chapters in the order of the sidebar."""
+    nav = [
+        ("index" if url == "" else url.rstrip("/")) + ".md" for url in chapters(ROOT / "mkdocs.yml")
+    ]
+    rows = chapter_rows((DOCS / "index.md").read_text("utf-8"))
+    assert rows == [page for page in nav if page != "index.md"], (
+        "docs/index.md's chapter table and mkdocs.yml's nav differ: give the table one row per "
+        "nav page, in the nav's order"
+    )
+    assert chapter_rows("| [B](b.md) | x |\n| [A](a.md#s) | y |\n") == ["b.md"]
