@@ -65,10 +65,13 @@ class BuildError(Exception):
     """`mkdocs build --strict` failed; the message is its output."""
 
 
-def build(checkout: Path, site: Path) -> None:
-    """Build `checkout`'s site into `site` strictly, mermaid from the checkout's vendored copy."""
+def build(checkout: Path, site: Path, **variables: str) -> None:
+    """Build `checkout`'s site into `site` strictly, mermaid from the checkout's vendored copy;
+    the site's address and repository unset unless given in `variables` (REPO_URL=…)."""
     env = {**os.environ, "MERMAID_JS": MERMAID_JS, "NO_MKDOCS_2_WARNING": "1"}
-    env.pop("SITE_URL", None)
+    for name in ("SITE_URL", "REPO_URL", "REPO_NAME"):
+        env.pop(name, None)
+    env.update(variables)
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=checkout,

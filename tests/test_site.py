@@ -12,7 +12,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import markdown  # type: ignore[import-untyped]
 import pytest
+import yaml
 from playwright.sync_api import Playwright, sync_playwright
 
 from tests.browser import (
@@ -20,6 +22,7 @@ from tests.browser import (
     MERMAID_JS,
     PALETTES,
     BuildError,
+    _TaglessLoader,
     build,
     chapters,
     check_site,
@@ -31,6 +34,7 @@ from tests.browser import (
 )
 from tests.faults import plant
 from tests.paths import DOCS, ROOT
+from tests.repository import UNKNOWN, clone_command, replace_marker
 
 LONGEST_FIRST = True  # conftest.py starts these tests before the others
 # More time than other tests get, and the thread method: once (the first run after installing
@@ -236,3 +240,100 @@ def test_mermaid_version_is_pinned_once() -> None:
     makefile = re.search(r"^MERMAID_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
     assert makefile
     assert f"mermaid@{makefile.group(1)}/" in (ROOT / "mkdocs.yml").read_text()
+
+
+CLONE_PAGES = ("index.md", "getting-started.md")  # the pages that say how to get the code
+
+
+def test_the_site_links_to_its_repository(tmp_path: Path) -> None:
+    """Built with REPO_URL (as CI builds it), the header links to the repository and both pages
+    show the real `git clone`; the pages' source holds the hook's marker, no placeholder."""
+    for name in CLONE_PAGES:
+        text = (DOCS / name).read_text("utf-8")
+        assert "<!-- git clone -->" in text, name
+        assert not re.search(r"git clone\s*<", text), name
+    site = tmp_path / "site"
+    build(ROOT, site, REPO_URL="https://github.com/example/guide", REPO_NAME="example/guide")
+    for name in CLONE_PAGES:
+        html = (site / name.replace(".md", "/index.html").replace("index/", "")).read_text()
+        header = [a for a in re.findall(r"<a\s[^>]*>", html) if 'class="md-source"' in a]
+        assert header, name
+        assert all('href="https://github.com/example/guide"' in a for a in header), header
+        code = re.sub(r"<[^>]+>", "", html).replace("&amp;", "&")
+        assert "git clone https://github.com/example/guide.git && cd guide" in code, name
+
+
+def test_without_repo_url_the_pages_say_so_rather_than_guess() -> None:
+    assert replace_marker("a\n<!-- git clone -->\nb", None) == f"a\n{UNKNOWN}\nb"
+    assert replace_marker("    <!-- git clone -->", "https://h/o/r/") == (
+        "    ```bash\n    git clone https://h/o/r.git && cd r\n    ```"
+    )
+    assert clone_command("https://h/o/r.git") == "git clone https://h/o/r.git && cd r"
+
+
+_ROW_LINK = re.compile(r"^\| \[[^\]]+\]\(([^)#]+\.md)\)", re.M)
+
+
+def chapter_rows(index: str) -> list[str]:
+    """The pages the index's chapter table links to, in its order (the first link of each row)."""
+    return _ROW_LINK.findall(index)
+
+
+def test_the_index_lists_the_chapters_in_the_order_of_the_navigation() -> None:
+    """A reader who follows the index's table meets the chapters in the order of the sidebar."""
+    nav = [
+        ("index" if url == "" else url.rstrip("/")) + ".md" for url in chapters(ROOT / "mkdocs.yml")
+    ]
+    rows = chapter_rows((DOCS / "index.md").read_text("utf-8"))
+    assert rows == [page for page in nav if page != "index.md"], (
+        "docs/index.md's chapter table and mkdocs.yml's nav differ: give the table one row per "
+        "nav page, in the nav's order"
+    )
+    assert chapter_rows("| [B](b.md) | x |\n| [A](a.md#s) | y |\n") == ["b.md"]
+
+
+# A page a reader can hold in mind: at most this many lines of markdown once its `--8<--`
+# includes are expanded (the code the reader scrolls past counts). A longer page answers more than
+# one question: split it where the question changes (issue 19).
+MAX_RENDERED_LINES = 450
+# Pages still over the limit, each to be split; the test fails once one is short enough, so the
+# list only shrinks.
+NOT_YET_SPLIT: dict[str, str] = {
+    "postgres-notify.md": "506 lines: being extended by another engineer now (issue 19)",
+}
+
+
+def rendered_lines(page: Path) -> int:
+    """The page's markdown with its includes expanded, as mkdocs.yml's pymdownx.snippets does."""
+    config = yaml.load((ROOT / "mkdocs.yml").read_text("utf-8"), _TaglessLoader)  # noqa: S506
+    snippets = next(
+        e["pymdownx.snippets"]
+        for e in config["markdown_extensions"]
+        if isinstance(e, dict) and "pymdownx.snippets" in e
+    )
+    options = {**snippets, "base_path": [str(ROOT / p) for p in snippets["base_path"]]}
+    md = markdown.Markdown(
+        extensions=["pymdownx.snippets"], extension_configs={"pymdownx.snippets": options}
+    )
+    return len(md.preprocessors["snippet"].run(page.read_text("utf-8").split("\n")))
+
+
+def test_no_page_is_longer_than_a_reader_can_follow() -> None:
+    lengths = {page.name: rendered_lines(page) for page in sorted(DOCS.glob("*.md"))}
+    too_long = {
+        name: n
+        for name, n in lengths.items()
+        if n > MAX_RENDERED_LINES and name not in NOT_YET_SPLIT
+    }
+    assert too_long == {}, (
+        f"over {MAX_RENDERED_LINES} rendered lines (the markdown with its --8<-- includes "
+        "expanded): split each where the reader's question changes, move the sections with their "
+        "anchors and fix the links to them (mkdocs build --strict finds those), and add the new "
+        "page to mkdocs.yml's nav, docs/index.md's chapter table and README.md's page table"
+    )
+    stale = {
+        name: lengths.get(name)
+        for name in NOT_YET_SPLIT
+        if lengths.get(name, 0) <= MAX_RENDERED_LINES
+    }
+    assert stale == {}, "short enough now: remove from NOT_YET_SPLIT"

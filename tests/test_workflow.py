@@ -65,6 +65,10 @@ def test_the_workflow_tests_every_major_then_builds_and_publishes_main_only() ->
     published = next(step for step in site["steps"] if "SITE_URL" in step.get("env", {}))
     assert published["run"] == "make site"
     assert "actions/upload-pages-artifact" in uses
+    # Both builds link to the repository the workflow runs in (mkdocs.yml's repo_url).
+    assert site["env"]["REPO_URL"] == "${{ github.server_url }}/${{ github.repository }}"
+    assert site["env"]["REPO_NAME"] == "${{ github.repository }}"
+    assert "!ENV [REPO_URL," in (ROOT / "mkdocs.yml").read_text()
     assert "actions/deploy-pages" in [
         step.get("uses", "").split("@")[0] for step in deploy["steps"]
     ]
