@@ -272,20 +272,20 @@ def test_the_checks_catch_planted_faults(tmp_path: Path) -> None:
     """Each check fails on the fault it is there for, planted in a scratch copy."""
     docs = tmp_path / "docs"
     shutil.copytree(DOCS, docs)
-    async_page, data_page = docs / "errors-async.md", docs / "errors-data.md"
+    async_page, conflicts = docs / "errors-async.md", docs / "errors-concurrency.md"
     # A heading that promises a message its block does not print:
     plant(async_page, "## `RuntimeError: Event loop is closed`", "## `Event loop is open`")
     # A heading's message in a docstring, and no longer in the output:
-    plant(data_page, "#> ['40P01 deadlock detected', 'committed']", "#> ['40P01', 'committed']")
+    plant(conflicts, "#> ['40P01 deadlock detected', 'committed']", "#> ['40P01', 'committed']")
     plant(
-        data_page,
+        conflicts,
         "    def touch(",
         '    """Two rows locked in opposite orders: deadlock detected."""\n\n    def touch(',
     )
     # A heading's message in the prose only:
-    plant(data_page, "#> 57014 canceling statement due to statement timeout", "#> 57014")
+    plant(conflicts, "#> 57014 canceling statement due to statement timeout", "#> 57014")
     plant(
-        data_page,
+        conflicts,
         "The server cancelled a statement",
         "`canceling statement due to statement timeout`: the server cancelled a statement",
     )
@@ -308,9 +308,10 @@ def test_the_checks_catch_planted_faults(tmp_path: Path) -> None:
     problems = [p for section in sections(docs) for p in section_problems(section)]
     assert problems == [
         "errors-async.md#event-loop-closed: no block's checked output shows 'Event loop is open'",
-        "errors-data.md#statement-timeout: no block's checked output shows"
+        "errors-concurrency.md#statement-timeout: no block's checked output shows"
         " 'canceling statement due to statement timeout'",
-        "errors-data.md#deadlock-detected: no block's checked output shows 'deadlock detected'",
+        "errors-concurrency.md#deadlock-detected: no block's checked output shows"
+        " 'deadlock detected'",
     ]
     assert index_problems(docs) == [
         "errors.md: sessions.md#one-session-per-task shows 'Session is already closed'"
@@ -319,11 +320,11 @@ def test_the_checks_catch_planted_faults(tmp_path: Path) -> None:
         " 'Multiple exceptions: [Errno 111] Connect call failed' in no block's output",
         "errors.md: errors-data.md#relation-does-not-exist shows 'relation … is missing'"
         " in no block's output",
-        "errors.md: errors-data.md#statement-timeout shows"
+        "errors.md: errors-concurrency.md#statement-timeout shows"
         " 'canceling statement due to statement timeout' in no block's output",
-        "errors.md: errors-data.md#lock-timeout shows 'could not obtain lock on row'"
+        "errors.md: errors-concurrency.md#lock-timeout shows 'could not obtain lock on row'"
         " in no block's output",
-        "errors.md does not list errors-data.md#deadlock-detected",
+        "errors.md does not list errors-concurrency.md#deadlock-detected",
     ]
     assert required_problems(docs) == [
         "no heading quotes 'Event loop is closed'",
