@@ -58,7 +58,8 @@ _REQUIRED = (
     "canceling statement due to statement timeout",
     "could not serialize access",
     "deadlock detected",
-)
+)  # and asyncpg's DataError for a naive datetime into timestamptz, which is no message: neither
+# driver raises; errors-data.md#asyncpg-datetime-dataerror runs the silent shift instead.
 # Only where the host name has several addresses, which this machine's `localhost` has not:
 _REQUIRED_NOT_RUN = ("Multiple exceptions: [Errno 111]",)
 
