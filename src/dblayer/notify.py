@@ -3,9 +3,9 @@
 `notify` sends with `pg_notify()`, in the session's transaction: the server delivers it at that
 transaction's commit, and never if it rolls back. `listen` holds a connection no pool can lend
 to anyone else (a pooled connection's LISTEN is rolled back, or left behind, when it goes back),
-yields what arrives, and when that connection dies opens another and listens again. The server
-keeps nothing for a channel nobody listens on: what was sent while the listener was away is
-lost, which is why `on_listening` runs after every LISTEN (re-read the state there).
+yields what arrives, and when that connection is lost opens another and listens again. The
+server keeps nothing for a channel nobody listens on: what was sent while the listener was away
+is lost, which is why `on_listening` runs after every LISTEN (re-read the state there).
 """
 
 from __future__ import annotations
@@ -13,22 +13,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 
 import asyncpg
 import psycopg
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    wait_random_exponential,
-)
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import NullPool
 
-from dblayer.engine import DatabaseUnavailableError, create_engine
-from dblayer.settings import Settings
+from dblayer.engine import (
+    DatabaseUnavailableError,
+    check_tls_files,
+    classify_connect_failures,
+    connect_args,
+)
+from dblayer.settings import Settings, SettingsError, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,12 @@ async def notify(session: AsyncSession, channel: str, payload: str = "") -> None
 class Notification:
     channel: str
     payload: str
+    pid: int = field(default=0, compare=False, repr=False)  # the sender's server process
 
 
 class ConnectionLostError(ConnectionError):
-    """The listener's connection died; what is sent until it listens again is lost."""
+    """The listener's connection is lost, or fell behind: what is sent until it listens again
+    does not reach it."""
 
 
 async def listen(
@@ -59,100 +63,207 @@ async def listen(
     on_listening: Callable[[], Awaitable[None]] | None = None,
     backoff: float = 0.1,
     max_backoff: float = 10.0,
+    check_every: float = 30.0,
+    max_queued: int = 10_000,
 ) -> AsyncGenerator[Notification, None]:
     """Yield the notifications sent on `channels`, on a connection of the listener's own.
 
-    After the connection dies, connects again (random waits below `backoff * 2**n` seconds,
-    capped at `max_backoff`, while the server cannot be reached) and LISTENs again. Each time
-    it listens, first time included, it awaits `on_listening()` before yielding anything: the
-    place to re-read what the notifications are about. A setting that cannot work (a wrong
-    password, a missing database) is raised at once. Close it with `contextlib.aclosing`."""
-    engine = create_engine(settings)
+    Each time it listens, first time included, it awaits `on_listening()` before yielding
+    anything: the place to re-read what the notifications are about (an exception there ends
+    the listener). A lost connection is noticed when the listener is next iterated; it then
+    connects again after a random wait below `backoff * 2**(n - 1)` seconds, n the losses in a
+    row (a connection that lasted over `max_backoff` starts the count again), capped at
+    `max_backoff`. A server gone without a word is noticed by a `SELECT 1` after `check_every`
+    seconds: no answer within as many seconds is a loss. A setting that cannot work (a wrong
+    password, PgBouncer's URL) is raised at once. Close it with `contextlib.aclosing`."""
+    channels = _checked(channels)
+    settings = settings or get_settings()
+    if settings.db_external_pooler:
+        raise SettingsError(
+            "DB_EXTERNAL_POOLER: behind PgBouncer a LISTEN stays on a server connection the"
+            " listener no longer has; give listen() settings with the server's own URL"
+        )
+    engine = _engine(settings)
+    clock = asyncio.get_running_loop().time
+    losses = 0
     try:
         while True:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_may_reconnect),
-                wait=wait_random_exponential(multiplier=backoff, max=max_backoff),
-                before_sleep=_log_reconnect,
-                reraise=True,
-            ):
-                with attempt:
-                    connection, received = await _listening(engine, channels)
+            listened_at = None
             try:
-                if on_listening is not None:
-                    await on_listening()
-                async for notification in received:  # pragma: no branch - ends by raising
-                    yield notification
+                async with _listening(engine, channels, check_every, max_queued) as received:
+                    listened_at = clock()
+                    if on_listening is not None:
+                        await on_listening()
+                    async for notification in received:  # pragma: no branch - ends by raising
+                        yield notification
             except ConnectionLostError as error:
-                logger.warning("listener: %s; listening again", error)
-                # jitter: listeners that lost the same server do not come back in step
-                await asyncio.sleep(random.uniform(0, backoff))  # noqa: S311 - not a secret
-            finally:
-                await received.aclose()  # psycopg's notifies() holds the connection's lock
-                await connection.invalidate()  # closed, never back in a pool with its LISTEN
+                lasted = listened_at is not None and clock() - listened_at > max_backoff
+                losses = 1 if lasted else losses + 1
+                # full jitter: listeners that lost the same server do not come back in step
+                cap = min(max_backoff, backoff * 2 ** (losses - 1))
+                wait = random.uniform(0, cap)  # noqa: S311 - not a secret
+                logger.warning(
+                    "listener: %s; connecting again in %.3f s (try %d)", error, wait, losses
+                )
+                await asyncio.sleep(wait)
     finally:
-        await engine.dispose()
+        await asyncio.shield(engine.dispose())
 
 
+def _checked(channels: Sequence[str]) -> Sequence[str]:
+    """LISTEN would cut a longer name to 63 bytes (where `pg_notify` refuses it), a str would be
+    listened on letter by letter, and no channel at all would wait forever."""
+    if isinstance(channels, str):
+        raise ValueError(f"listen() takes a list of channel names, not a str: [{channels!r}]")
+    if not channels:
+        raise ValueError("listen() was given no channel to listen on")
+    for channel in channels:
+        if not channel:
+            raise ValueError("an empty channel name cannot be listened on")
+        if len(channel.encode()) > 63:
+            raise ValueError(f"a channel name is at most 63 bytes, not {len(channel.encode())}")
+    return channels
+
+
+def _engine(settings: Settings) -> AsyncEngine:
+    """The app's URL, TLS and timeouts, but no pool: the listener's one connection is closed,
+    with its LISTEN, when the listener ends or loses it."""
+    check_tls_files(settings)
+    engine = create_async_engine(
+        settings.url,
+        poolclass=NullPool,
+        hide_parameters=settings.db_hide_parameters,
+        connect_args=connect_args(settings),
+    )
+    classify_connect_failures(engine)
+    return engine
+
+
+@asynccontextmanager
 async def _listening(
-    engine: AsyncEngine, channels: Sequence[str]
-) -> tuple[AsyncConnection, AsyncGenerator[Notification, None]]:
-    """Connect, LISTEN on every channel, and return what yields the notifications: the only
-    place where the two drivers differ."""
-    connection = await engine.connect()
+    engine: AsyncEngine, channels: Sequence[str], check_every: float, max_queued: int
+) -> AsyncIterator[AsyncGenerator[Notification, None]]:
+    """Connect, LISTEN on every channel, and give what yields the notifications: the only place
+    where the two drivers differ. Closed on the way out, even when cancelled again meanwhile."""
+    connection: AsyncConnection | None = None
+    received: AsyncGenerator[Notification, None] | None = None
     try:
-        driver = (await connection.get_raw_connection()).driver_connection
-        notifications: AsyncGenerator[Notification, None]
-        if isinstance(driver, asyncpg.Connection):
-            # asyncpg reads the socket by itself and calls back; a queue makes that iterable.
-            queue: asyncio.Queue[Notification | None] = asyncio.Queue()
-
-            def received(_: object, __: int, channel: str, payload: object) -> None:
-                queue.put_nowait(Notification(channel, str(payload)))
-
-            driver.add_termination_listener(lambda _: queue.put_nowait(None))
-            for channel in channels:
-                await driver.add_listener(channel, received)  # LISTEN, the name quoted
-            notifications = _from_queue(queue)
-        else:
-            assert isinstance(driver, psycopg.AsyncConnection)
-            quote = connection.dialect.identifier_preparer.quote_identifier  # "Jobs" stays Jobs
-            for channel in channels:
-                await connection.execute(text(f"LISTEN {quote(channel)}"))
-            notifications = _from_psycopg(driver)
-        await connection.commit()  # a LISTEN takes effect at commit, and none is delivered in one
-        return connection, notifications
-    except BaseException:
-        await connection.invalidate()
-        raise
+        with _as_lost():
+            connection = await engine.connect()
+            # a listener is idle by design: a database's idle_session_timeout must not end it
+            await connection.execute(text("SET idle_session_timeout = 0"))
+            driver = (await connection.get_raw_connection()).driver_connection
+            if isinstance(driver, asyncpg.Connection):
+                # asyncpg reads the socket by itself and calls back; an inbox makes it iterable
+                inbox = _Inbox(max_queued)
+                driver.add_termination_listener(inbox.closed)
+                for channel in channels:
+                    await driver.add_listener(channel, inbox.received)  # LISTEN, name quoted
+                received = _from_inbox(connection, inbox, check_every)
+            else:
+                assert isinstance(driver, psycopg.AsyncConnection)
+                quote = connection.dialect.identifier_preparer.quote_identifier  # Jobs stays Jobs
+                for channel in channels:
+                    await connection.execute(text(f"LISTEN {quote(channel)}"))
+                received = _from_psycopg(connection, driver, check_every)
+            await connection.commit()  # a LISTEN takes effect at commit
+        yield received
+    finally:
+        await asyncio.shield(_close(connection, received))
 
 
-async def _from_queue(
-    queue: asyncio.Queue[Notification | None],
+async def _close(
+    connection: AsyncConnection | None, received: AsyncGenerator[Notification, None] | None
+) -> None:
+    if received is not None:
+        await received.aclose()  # psycopg's notifies() holds the connection's lock
+    if connection is not None:
+        await connection.invalidate()  # closed, never back in a pool with its LISTEN
+
+
+class _Inbox:
+    """asyncpg's notifications wait here to be read, at most `limit` of them: past it the rest
+    are dropped, and reading ends as if the connection were lost (memory stays bounded)."""
+
+    def __init__(self, limit: int) -> None:
+        self.queue: asyncio.Queue[Notification | ConnectionLostError] = asyncio.Queue()
+        self.limit = limit
+        self.ended = False
+
+    def received(self, _: object, pid: int, channel: str, payload: object) -> None:
+        if self.queue.qsize() < self.limit:
+            self.put(Notification(channel, str(payload), pid))
+        elif not self.ended:
+            lost = ConnectionLostError(f"{self.limit} notifications unread, the next dropped")
+            logger.warning("listener: %s", lost)  # now, not when the reader gets to it
+            self.put(lost)
+
+    def closed(self, _: object) -> None:
+        self.put(ConnectionLostError("the connection was closed"))
+
+    def put(self, item: Notification | ConnectionLostError) -> None:
+        if not self.ended:
+            self.ended = isinstance(item, ConnectionLostError)
+            self.queue.put_nowait(item)
+
+
+async def _from_inbox(
+    connection: AsyncConnection, inbox: _Inbox, check_every: float
 ) -> AsyncGenerator[Notification, None]:
-    while (notification := await queue.get()) is not None:
-        yield notification
-    raise ConnectionLostError("the connection was closed")
+    while True:
+        try:
+            item = await asyncio.wait_for(inbox.queue.get(), check_every)
+        except TimeoutError:
+            await _check(connection, check_every)
+            continue
+        if isinstance(item, ConnectionLostError):
+            raise item
+        yield item
 
 
 async def _from_psycopg(
-    driver: psycopg.AsyncConnection,
+    connection: AsyncConnection, driver: psycopg.AsyncConnection, check_every: float
 ) -> AsyncGenerator[Notification, None]:
+    while True:  # psycopg >= 3.2.4 keeps what arrives between two notifies()
+        with _as_lost():
+            async with aclosing(driver.notifies(timeout=check_every)) as notifies:
+                async for notify in notifies:
+                    yield Notification(notify.channel, notify.payload, notify.pid)
+        await _check(connection, check_every)
+
+
+async def _check(connection: AsyncConnection, seconds: float) -> None:
+    """A server gone without a word (a failover, a partition) sends nothing, and the kernel's
+    keepalive would notice after hours: a `SELECT 1` without an answer notices it."""
+    with _as_lost():
+        try:
+            async with asyncio.timeout(seconds):
+                await connection.execute(text("SELECT 1"))
+                await connection.commit()  # notifications wait for the transaction's end
+        except TimeoutError:
+            raise ConnectionLostError(f"no answer to SELECT 1 within {seconds:g} s") from None
+
+
+@contextmanager
+def _as_lost() -> Iterator[None]:
+    """Each driver says "lost" its own way; the listener connects again after any of them."""
     try:
-        async for notify in driver.notifies():
-            yield Notification(notify.channel, notify.payload)
-    except psycopg.OperationalError as error:
-        raise ConnectionLostError(str(error).strip().splitlines()[0]) from None
-    raise ConnectionLostError("the connection was closed")  # pragma: no cover - not seen
+        yield
+    except ConnectionLostError:
+        raise
+    except Exception as error:
+        if not _is_lost(error):
+            raise
+        raise ConnectionLostError(str(error).strip().split("\n")[0]) from None
 
 
-def _may_reconnect(error: BaseException) -> bool:
-    """Refused, timed out: the server may come back. Not a wrong password or database."""
-    return isinstance(error, DatabaseUnavailableError) and error.transient
-
-
-def _log_reconnect(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    wait = state.next_action.sleep if state.next_action else 0.0
-    logger.warning("listener: %s; connecting again in %.2f s", error, wait)
+def _is_lost(error: BaseException) -> bool:
+    if isinstance(error, DatabaseUnavailableError):
+        return error.transient  # refused, timed out; not a wrong password or database
+    if isinstance(error, DBAPIError):
+        sqlstate = str(getattr(error.orig, "sqlstate", None))
+        return error.connection_invalidated or sqlstate.startswith(("08", "57P"))
+    return isinstance(
+        error, OSError | asyncpg.ConnectionDoesNotExistError | psycopg.OperationalError
+    )
     # --8<-- [end:listen]
