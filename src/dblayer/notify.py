@@ -79,9 +79,9 @@ async def listen(
     channels = _checked(channels)
     settings = settings or get_settings()
     if settings.db_external_pooler:
+        # PgBouncer's LISTEN stays on a server connection the listener no longer has
         raise SettingsError(
-            "DB_EXTERNAL_POOLER: behind PgBouncer a LISTEN stays on a server connection the"
-            " listener no longer has; give listen() settings with the server's own URL"
+            "DB_EXTERNAL_POOLER: LISTEN needs the server's own URL, not PgBouncer's"
         )
     engine = _engine(settings)
     clock = asyncio.get_running_loop().time
