@@ -130,8 +130,8 @@ async def _from_psycopg(
 
 
 async def _check(connection: AsyncConnection, seconds: float) -> None:
-    """A server gone without a word (a failover, a partition) sends nothing, and the kernel's
-    keepalive would notice after hours: a `SELECT 1` without an answer notices it."""
+    """A server gone without a word (a failover, a partition) sends nothing (asyncpg sets no TCP
+    keepalive; libpq's default one waits two hours): a `SELECT 1` without an answer notices it."""
     with _as_lost():
         try:
             async with asyncio.timeout(seconds):
