@@ -7,19 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import tomllib
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dblayer.engine import DatabaseUnavailableError
+from dblayer.engine import DatabaseUnavailableError, create_engine
 from dblayer.notify import Notification, listen, notify
-from dblayer.session import session_scope
-from dblayer.settings import Settings, get_settings
+from dblayer.pgbouncer import PgBouncer
+from dblayer.session import create_sessionmaker, session_scope
+from dblayer.settings import Settings, SettingsError, get_settings
 from tests.apps import free_port
+from tests.paths import ROOT
+from tests.proxy import proxy
 
 pytestmark = [pytest.mark.both_drivers, pytest.mark.timeout(60)]
 
@@ -31,6 +38,10 @@ EACH = 5
 OTHERS = text(
     "SELECT count(*) FROM pg_stat_activity"
     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
+KILL_LISTENER = text(  # all but the sender's
+    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid NOT IN (pg_backend_pid(), :sender)"
 )
 KILL_OTHERS = text(
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
@@ -45,10 +56,11 @@ def settings_for(url: URL) -> Settings:
 class Listener:
     """`listen` iterated by a task of its own into a queue, as an app's background task would."""
 
-    def __init__(self, url: URL, channels: list[str]) -> None:
+    def __init__(self, url: URL, channels: list[str], **options: Any) -> None:
         self.queue: asyncio.Queue[Notification] = asyncio.Queue()
         self.listening = asyncio.Event()
         self.times_listening = 0
+        options.setdefault("backoff", 0.01)
 
         async def on_listening() -> None:
             self.times_listening += 1
@@ -56,7 +68,7 @@ class Listener:
 
         async def run() -> None:
             async with aclosing(
-                listen(channels, settings_for(url), on_listening=on_listening, backoff=0.01)
+                listen(channels, settings_for(url), on_listening=on_listening, **options)
             ) as notifications:
                 async for notification in notifications:
                     self.queue.put_nowait(notification)
@@ -89,6 +101,29 @@ async def listener(database_url: URL) -> AsyncIterator[Listener]:
 async def send(sessionmaker: Maker, channel: str, payload: str) -> None:
     async with session_scope(sessionmaker) as session:
         await notify(session, channel, payload)
+
+
+async def others(sessionmaker: Maker) -> int:
+    async with session_scope(sessionmaker) as session:
+        return int(await session.scalar(OTHERS) or 0)
+
+
+async def until_others(sessionmaker: Maker, count: int, seconds: float = 10) -> None:
+    """Polls until `count` other connections are open: a closed one leaves `pg_stat_activity`
+    when its server process has ended, shortly after the client closed it."""
+    async with asyncio.timeout(seconds):
+        while await others(sessionmaker) != count:  # noqa: ASYNC110 - the server's state, polled
+            await asyncio.sleep(0.02)
+
+
+async def until(condition: Any, seconds: float = 10) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 - polled, under a deadline
+            await asyncio.sleep(0.01)
+
+
+def logged(caplog: pytest.LogCaptureFixture, pattern: str) -> list[re.Match[str]]:
+    return [m for r in caplog.records if (m := re.search(pattern, r.getMessage()))]
 
 
 async def test_delivered_at_commit_and_never_after_a_rollback(
@@ -169,8 +204,7 @@ async def test_listens_again_after_its_connection_is_terminated(
             received.append((await listener.next()).payload)
         assert received in ([f"back {round_}"], [f"meanwhile {round_}", f"back {round_}"])
     assert listener.times_listening == 4
-    lost = [r.getMessage() for r in caplog.records if "listening again" in r.getMessage()]
-    assert len(lost) == 3
+    assert len(logged(caplog, "connecting again in")) == 3
     assert str(database_url.password) not in caplog.text
 
 
@@ -181,8 +215,7 @@ async def test_cancelled_it_leaves_no_connection_open(
         assert await session.scalar(OTHERS) == 1
     await listener.stop()
     assert listener.task.cancelled()
-    async with session_scope(sessionmaker) as session:
-        assert await session.scalar(OTHERS) == 0
+    await until_others(sessionmaker, 0)
 
 
 async def test_a_name_that_cannot_be_listened_on_is_raised_and_closed(
@@ -192,8 +225,7 @@ async def test_a_name_that_cannot_be_listened_on_is_raised_and_closed(
     with pytest.raises(Exception, match=r"insufficient data|unterminated quoted identifier"):
         async with aclosing(listen(["bad\x00name"], settings_for(database_url))) as it:
             await anext(it)
-    async with session_scope(sessionmaker) as session:
-        assert await session.scalar(OTHERS) == 0
+    await until_others(sessionmaker, 0)
 
 
 async def test_without_on_listening(database_url: URL, sessionmaker: Maker) -> None:
@@ -210,7 +242,7 @@ async def test_a_setting_that_cannot_work_is_raised_at_once(database_url: URL) -
     settings = settings_for(database_url.set(database="no_such_db"))
     with pytest.raises(DatabaseUnavailableError) as raised:
         async with aclosing(listen(["jobs"], settings)) as notifications:
-            await anext(notifications)
+            await asyncio.wait_for(anext(notifications), 10)
     assert not raised.value.transient
     assert str(database_url.password) not in str(raised.value)
 
@@ -232,6 +264,10 @@ async def test_an_unreachable_server_is_tried_again_with_waits(
         logging.getLogger("dblayer.notify").removeHandler(retries)
     assert "connection refused" in caplog.text
     assert str(database_url.password) not in caplog.text
+    waits = [float(m[1]) for m in logged(caplog, r"connecting again in ([\d.]+) s")]
+    assert len(waits) >= 3
+    assert all(0 <= wait <= 0.02 for wait in waits)
+    assert any(waits)
 
 
 class RetriesLogged(logging.Handler):
@@ -247,3 +283,295 @@ class RetriesLogged(logging.Handler):
             self.left -= 1
             if self.left <= 0:
                 self.enough.set()
+
+
+@pytest.mark.parametrize("cut_on", [b"LISTEN", b"COMMIT"])
+async def test_a_connection_lost_while_it_starts_listening_is_tried_again(
+    database_url: URL, sessionmaker: Maker, caplog: pytest.LogCaptureFixture, cut_on: bytes
+) -> None:
+    """Cut by the network during its LISTEN, or the COMMIT that makes it take effect: the driver
+    raises its own kind of error there (asyncpg's ConnectionDoesNotExistError, psycopg's
+    OperationalError), and `listen` connects again as after any lost connection."""
+    caplog.set_level(logging.WARNING, "dblayer.notify")
+    async with proxy(database_url, cut_on=cut_on, cuts=2) as cutting:
+        listener = await Listener(cutting.url(), ["jobs"]).started()
+        try:
+            await send(sessionmaker, "jobs", "heard")
+            assert await listener.next() == Notification("jobs", "heard")
+            assert listener.times_listening == 1
+        finally:
+            await listener.stop()
+    assert [m[1] for m in logged(caplog, r"\(try (\d+)\)")] == ["1", "2"]
+
+
+async def test_a_server_that_vanishes_without_a_word_is_noticed(
+    database_url: URL, sessionmaker: Maker
+) -> None:
+    """No FIN, no RST (a failover, a partition): the listener's `SELECT 1` gets no answer within
+    `check_every` seconds, and it connects again (to the server that answers now)."""
+    async with proxy(database_url) as network:
+        listener = await Listener(network.url(), ["jobs"], check_every=0.5).started()
+        try:
+            network.vanish()
+            async with session_scope(sessionmaker) as session:
+                assert await session.scalar(KILL_OTHERS) == 1  # the server forgets it
+            await until(lambda: listener.times_listening == 2)
+            await send(sessionmaker, "jobs", "after")
+            assert await listener.next() == Notification("jobs", "after")
+        finally:
+            await listener.stop()
+
+
+async def test_a_quiet_listener_checks_its_connection_and_stays(
+    database_url: URL, sessionmaker: Maker
+) -> None:
+    """The check on a live connection passes (here after each quiet 0.7 s), and notifications
+    sent around it all arrive."""
+    listener = await Listener(database_url, ["jobs"], check_every=0.3).started()
+    try:
+        for number in range(4):
+            await send(sessionmaker, "jobs", str(number))
+            await asyncio.sleep(0.7)  # quiet: the listener checks its connection
+        assert [(await listener.next()).payload for _ in range(4)] == ["0", "1", "2", "3"]
+        assert listener.times_listening == 1
+    finally:
+        await listener.stop()
+
+
+async def test_behind_pgbouncer_it_refuses_the_poolers_url(
+    pgbouncer: PgBouncer, database_url: URL, sessionmaker: Maker
+) -> None:
+    """Through PgBouncer in transaction mode the LISTEN stays on a server connection the listener
+    no longer has: nothing arrives, silently. So `listen` refuses settings that say a pooler is
+    in between (DB_EXTERNAL_POOLER); settings with the server's own URL work."""
+    through = pgbouncer.url(database_url)
+    settings = get_settings(
+        database_url=through.render_as_string(hide_password=False), db_external_pooler=True
+    )
+    with pytest.raises(SettingsError, match="DB_EXTERNAL_POOLER") as raised:
+        async with aclosing(listen(["jobs"], settings)) as notifications:
+            await asyncio.wait_for(anext(notifications), 10)
+    assert str(database_url.password) not in str(raised.value)
+    listener = await Listener(database_url, ["jobs"]).started()
+    try:
+        await send(sessionmaker, "jobs", "direct")
+        assert await listener.next() == Notification("jobs", "direct")
+    finally:
+        await listener.stop()
+
+
+async def test_a_slow_reader_holds_a_bounded_number(
+    database_url: URL, sessionmaker: Maker, caplog: pytest.LogCaptureFixture, driver: str
+) -> None:
+    """asyncpg reads every notification off the socket as it comes: past `max_queued` unread,
+    `listen` drops the rest and, once the reader has taken what it holds, listens again
+    (`on_listening` re-reads). psycopg reads only when asked: the rest waits in the server's
+    notification queue (`pg_notification_queue_usage()`), for every listener's server."""
+    caplog.set_level(logging.WARNING, "dblayer.notify")
+    times = 0
+    listening = asyncio.Event()
+
+    async def on_listening() -> None:
+        nonlocal times
+        times += 1
+        listening.set()
+
+    settings = settings_for(database_url)
+    many = text(  # 24 MB, more than the sockets' buffers hold
+        "SELECT count(pg_notify('jobs', n || ' ' || repeat('x', 7900)))"
+        " FROM generate_series(0, 2999) AS n"
+    )
+    async with aclosing(
+        listen(["jobs"], settings, on_listening=on_listening, max_queued=10)
+    ) as notifications:
+        first = asyncio.ensure_future(anext(notifications))
+        await asyncio.wait_for(listening.wait(), 10)
+        listening.clear()
+        async with session_scope(sessionmaker) as session:
+            await session.execute(many)
+        if driver == "asyncpg":
+            await until(lambda: bool(logged(caplog, "10 notifications unread")))
+            payloads = [(await asyncio.wait_for(first, 10)).payload]
+
+            async def read_on() -> None:
+                async for notification in notifications:  # pragma: no branch - returns
+                    payloads.append(notification.payload)
+                    if notification.payload == "after":
+                        return
+
+            reading = asyncio.ensure_future(read_on())
+            await asyncio.wait_for(listening.wait(), 10)  # once it has read what it held
+            await send(sessionmaker, "jobs", "after")
+            await asyncio.wait_for(reading, 10)
+            numbers = [int(payload.split()[0]) for payload in payloads[:-1]]
+            assert numbers == list(range(len(numbers)))
+            assert len(numbers) <= 11  # the one it was waiting for, and the 10 it held
+            assert payloads[-1] == "after"
+            assert times == 2
+        else:
+            assert (await asyncio.wait_for(first, 10)).payload.startswith("0 ")
+            async with session_scope(sessionmaker) as session:
+                usage = text("SELECT pg_notification_queue_usage()")
+                assert await session.scalar(usage) > 0
+            for number in range(1, 3000):
+                received = await asyncio.wait_for(anext(notifications), 10)
+                assert received.payload.startswith(f"{number} ")
+            assert times == 1
+
+
+async def test_an_idle_session_timeout_does_not_end_it(
+    database_url: URL, engine: Any, sessionmaker: Maker
+) -> None:
+    """A database's idle_session_timeout would end the listener's idle connection over and over
+    (it reconnected 9 times in 3 s at 300 ms): the listener's connection turns it off."""
+    async with engine.connect() as connection:
+        alter = f'ALTER DATABASE "{database_url.database}" SET idle_session_timeout = 200'
+        await connection.execute(text(alter))
+        await connection.commit()
+    listener = await Listener(database_url, ["jobs"]).started()
+    try:
+        await asyncio.sleep(1)  # five timeouts' worth of idleness
+        assert listener.times_listening == 1
+    finally:
+        await listener.stop()
+
+
+async def test_waits_grow_until_a_connection_lasts(
+    database_url: URL, sessionmaker: Maker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections that die as soon as they listen count as failures in a row (the waits grow);
+    one that lasted longer than `max_backoff` starts the count again."""
+    caplog.set_level(logging.WARNING, "dblayer.notify")
+    listener = await Listener(database_url, ["jobs"], backoff=0.005, max_backoff=1).started()
+    try:
+        for _ in range(4):
+            listener.listening.clear()
+            async with session_scope(sessionmaker) as session:
+                assert await session.scalar(KILL_OTHERS) == 1
+            await asyncio.wait_for(listener.listening.wait(), 10)
+        await asyncio.sleep(1.2)  # this connection lasts
+        listener.listening.clear()
+        async with session_scope(sessionmaker) as session:
+            assert await session.scalar(KILL_OTHERS) == 1
+        await asyncio.wait_for(listener.listening.wait(), 10)
+    finally:
+        await listener.stop()
+    assert [m[1] for m in logged(caplog, r"\(try (\d+)\)")] == ["1", "2", "3", "4", "1"]
+
+
+async def test_nothing_committed_after_on_listening_starts_is_lost(
+    database_url: URL, sessionmaker: Maker
+) -> None:
+    """A sender commits numbered notifications without pause, on a connection of its own, while
+    the listener's connection is terminated again and again: each time `on_listening` has begun,
+    every number sent after that moment arrives, with no gap."""
+    settings = get_settings(
+        database_url=database_url.render_as_string(hide_password=False),
+        db_pool_size=1,
+        db_max_overflow=0,
+    )
+    sender_engine = create_engine(settings)
+    in_flight = 0
+    sessions: list[tuple[int, list[int]]] = []  # (in flight as it listened, received)
+
+    async def sender() -> None:
+        nonlocal in_flight
+        senders = create_sessionmaker(sender_engine)
+        while True:
+            await send(senders, "numbers", str(in_flight))
+            in_flight += 1
+
+    async def on_listening() -> None:
+        sessions.append((in_flight, []))
+
+    sending = asyncio.create_task(sender())
+    killed: set[int] = set()
+    try:
+        async with aclosing(
+            listen(
+                ["numbers"],
+                settings_for(database_url),
+                on_listening=on_listening,
+                backoff=0.01,
+                max_backoff=0.05,  # connections lost in a row: the waits stop growing there
+            )
+        ) as notifications:
+            async for notification in notifications:  # pragma: no branch - ends by break
+                mark, received = sessions[-1]
+                received.append(int(notification.payload))
+                if len(sessions) > ROUNDS:
+                    break
+                if len(sessions) not in killed and sum(n > mark for n in received) >= 3:
+                    killed.add(len(sessions))
+                    async with session_scope(sessionmaker) as session:
+                        await session.execute(KILL_LISTENER, {"sender": notification.pid})
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        await sender_engine.dispose()
+    for mark, received in sessions:
+        after = [n for n in received if n > mark]
+        assert after == list(range(mark + 1, mark + 1 + len(after)))
+
+
+@pytest.mark.parametrize(
+    ("channels", "error"),
+    [
+        ("jobs", "a list of channel names, not a str"),
+        ([], "no channel"),
+        (["j" * 64], "at most 63 bytes, not 64"),
+        ([""], "an empty channel name"),
+    ],
+)
+async def test_channels_that_cannot_be_listened_on_are_refused(
+    database_url: URL, channels: Any, error: str
+) -> None:
+    """LISTEN would cut a longer name to 63 bytes, where pg_notify refuses it; a str would be
+    listened on letter by letter, and no channel would wait forever."""
+    with pytest.raises(ValueError, match=error):
+        async with aclosing(listen(channels, settings_for(database_url))) as notifications:
+            await asyncio.wait_for(anext(notifications), 10)
+
+
+async def test_an_error_in_on_listening_ends_it(database_url: URL, sessionmaker: Maker) -> None:
+    async def on_listening() -> None:
+        raise LookupError("the state could not be read")
+
+    with pytest.raises(LookupError):
+        async with aclosing(
+            listen(["jobs"], settings_for(database_url), on_listening=on_listening)
+        ) as notifications:
+            await asyncio.wait_for(anext(notifications), 10)
+    await until_others(sessionmaker, 0)
+
+
+async def test_leaving_the_loop_closes_it(database_url: URL, sessionmaker: Maker) -> None:
+    listening = asyncio.Event()
+
+    async def on_listening() -> None:
+        listening.set()
+
+    async with aclosing(
+        listen(["jobs"], settings_for(database_url), on_listening=on_listening)
+    ) as notifications:
+        waiting = asyncio.ensure_future(anext(notifications))
+        await asyncio.wait_for(listening.wait(), 10)
+        await send(sessionmaker, "jobs", "one")
+        await send(sessionmaker, "jobs", "two")
+        assert await asyncio.wait_for(waiting, 10) == Notification("jobs", "one")
+        async for notification in notifications:  # pragma: no branch - left at once
+            assert notification == Notification("jobs", "two")
+            break
+        await until_others(sessionmaker, 1)  # still open until aclosing closes it
+    await until_others(sessionmaker, 0)
+
+
+def test_psycopg_is_one_that_keeps_notifications_read_between_notifies() -> None:
+    """Before 3.2.4 psycopg dropped notifications that arrived while `notifies()` was not running
+    (psycopg#962, fixed by #975): the listener's check runs between two `notifies()`."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
+    psycopg = next(
+        Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("psycopg")
+    )
+    assert not psycopg.specifier.contains("3.2.3")
+    assert psycopg.specifier.contains("3.2.4")

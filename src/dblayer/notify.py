@@ -3,9 +3,10 @@
 `notify` sends with `pg_notify()`, in the session's transaction: the server delivers it at that
 transaction's commit, and never if it rolls back. `listen` holds a connection no pool can lend
 to anyone else (a pooled connection's LISTEN is rolled back, or left behind, when it goes back),
-yields what arrives, and when that connection dies opens another and listens again. The server
-keeps nothing for a channel nobody listens on: what was sent while the listener was away is
-lost, which is why `on_listening` runs after every LISTEN (re-read the state there).
+yields what arrives, and when that connection is lost opens another and listens again. The
+server keeps nothing for a channel nobody listens on: what was sent while the listener was away
+is lost, which is why `on_listening` runs after every LISTEN (re-read the state there). Where
+the two drivers differ is in `dblayer.notify_drivers`.
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
-import asyncpg
-import psycopg
-from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    wait_random_exponential,
-)
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import NullPool
 
-from dblayer.engine import DatabaseUnavailableError, create_engine
-from dblayer.settings import Settings
+from dblayer.engine import check_tls_files, classify_connect_failures, connect_args
+from dblayer.notify_drivers import ConnectionLostError, Notification, listening
+from dblayer.settings import Settings, SettingsError, get_settings
+
+__all__ = ["ConnectionLostError", "Notification", "listen", "notify"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +38,6 @@ async def notify(session: AsyncSession, channel: str, payload: str = "") -> None
 
 
 # --8<-- [start:listen]
-@dataclass(frozen=True)
-class Notification:
-    channel: str
-    payload: str
-
-
-class ConnectionLostError(ConnectionError):
-    """The listener's connection died; what is sent until it listens again is lost."""
-
-
 async def listen(
     channels: Sequence[str],
     settings: Settings | None = None,
@@ -59,100 +45,78 @@ async def listen(
     on_listening: Callable[[], Awaitable[None]] | None = None,
     backoff: float = 0.1,
     max_backoff: float = 10.0,
+    check_every: float = 30.0,
+    max_queued: int = 10_000,
 ) -> AsyncGenerator[Notification, None]:
     """Yield the notifications sent on `channels`, on a connection of the listener's own.
 
-    After the connection dies, connects again (random waits below `backoff * 2**n` seconds,
-    capped at `max_backoff`, while the server cannot be reached) and LISTENs again. Each time
-    it listens, first time included, it awaits `on_listening()` before yielding anything: the
-    place to re-read what the notifications are about. A setting that cannot work (a wrong
-    password, a missing database) is raised at once. Close it with `contextlib.aclosing`."""
-    engine = create_engine(settings)
+    Each time it listens, first time included, it awaits `on_listening()` before yielding
+    anything: the place to re-read what the notifications are about (an exception there ends
+    the listener). A lost connection is noticed when the listener is next iterated; it then
+    connects again after a random wait below `backoff * 2**(n - 1)` seconds, n the losses in a
+    row (a connection that lasted over `max_backoff` starts the count again), capped at
+    `max_backoff`. A server gone without a word is noticed by a `SELECT 1` after `check_every`
+    seconds: no answer within as many seconds is a loss. A setting that cannot work (a wrong
+    password, PgBouncer's URL) is raised at once. Close it with `contextlib.aclosing`."""
+    channels = _checked(channels)
+    settings = settings or get_settings()
+    if settings.db_external_pooler:
+        # PgBouncer's LISTEN stays on a server connection the listener no longer has
+        raise SettingsError(
+            "DB_EXTERNAL_POOLER: LISTEN needs the server's own URL, not PgBouncer's"
+        )
+    engine = _engine(settings)
+    clock = asyncio.get_running_loop().time
+    losses = 0
     try:
         while True:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_may_reconnect),
-                wait=wait_random_exponential(multiplier=backoff, max=max_backoff),
-                before_sleep=_log_reconnect,
-                reraise=True,
-            ):
-                with attempt:
-                    connection, received = await _listening(engine, channels)
+            listened_at = None
             try:
-                if on_listening is not None:
-                    await on_listening()
-                async for notification in received:  # pragma: no branch - ends by raising
-                    yield notification
+                async with listening(engine, channels, check_every, max_queued) as received:
+                    listened_at = clock()
+                    if on_listening is not None:
+                        await on_listening()
+                    async for notification in received:  # pragma: no branch - ends by raising
+                        yield notification
             except ConnectionLostError as error:
-                logger.warning("listener: %s; listening again", error)
-                # jitter: listeners that lost the same server do not come back in step
-                await asyncio.sleep(random.uniform(0, backoff))  # noqa: S311 - not a secret
-            finally:
-                await received.aclose()  # psycopg's notifies() holds the connection's lock
-                await connection.invalidate()  # closed, never back in a pool with its LISTEN
+                lasted = listened_at is not None and clock() - listened_at > max_backoff
+                losses = 1 if lasted else losses + 1
+                # full jitter: listeners that lost the same server do not come back in step
+                cap = min(max_backoff, backoff * 2 ** (losses - 1))
+                wait = random.uniform(0, cap)  # noqa: S311 - not a secret
+                logger.warning(
+                    "listener: %s; connecting again in %.3f s (try %d)", error, wait, losses
+                )
+                await asyncio.sleep(wait)
     finally:
-        await engine.dispose()
+        await asyncio.shield(engine.dispose())
 
 
-async def _listening(
-    engine: AsyncEngine, channels: Sequence[str]
-) -> tuple[AsyncConnection, AsyncGenerator[Notification, None]]:
-    """Connect, LISTEN on every channel, and return what yields the notifications: the only
-    place where the two drivers differ."""
-    connection = await engine.connect()
-    try:
-        driver = (await connection.get_raw_connection()).driver_connection
-        notifications: AsyncGenerator[Notification, None]
-        if isinstance(driver, asyncpg.Connection):
-            # asyncpg reads the socket by itself and calls back; a queue makes that iterable.
-            queue: asyncio.Queue[Notification | None] = asyncio.Queue()
-
-            def received(_: object, __: int, channel: str, payload: object) -> None:
-                queue.put_nowait(Notification(channel, str(payload)))
-
-            driver.add_termination_listener(lambda _: queue.put_nowait(None))
-            for channel in channels:
-                await driver.add_listener(channel, received)  # LISTEN, the name quoted
-            notifications = _from_queue(queue)
-        else:
-            assert isinstance(driver, psycopg.AsyncConnection)
-            quote = connection.dialect.identifier_preparer.quote_identifier  # "Jobs" stays Jobs
-            for channel in channels:
-                await connection.execute(text(f"LISTEN {quote(channel)}"))
-            notifications = _from_psycopg(driver)
-        await connection.commit()  # a LISTEN takes effect at commit, and none is delivered in one
-        return connection, notifications
-    except BaseException:
-        await connection.invalidate()
-        raise
+def _checked(channels: Sequence[str]) -> Sequence[str]:
+    """LISTEN would cut a longer name to 63 bytes (where `pg_notify` refuses it), a str would be
+    listened on letter by letter, and no channel at all would wait forever."""
+    if isinstance(channels, str):
+        raise ValueError(f"listen() takes a list of channel names, not a str: [{channels!r}]")
+    if not channels:
+        raise ValueError("listen() was given no channel to listen on")
+    for channel in channels:
+        if not channel:
+            raise ValueError("an empty channel name cannot be listened on")
+        if len(channel.encode()) > 63:
+            raise ValueError(f"a channel name is at most 63 bytes, not {len(channel.encode())}")
+    return channels
 
 
-async def _from_queue(
-    queue: asyncio.Queue[Notification | None],
-) -> AsyncGenerator[Notification, None]:
-    while (notification := await queue.get()) is not None:
-        yield notification
-    raise ConnectionLostError("the connection was closed")
-
-
-async def _from_psycopg(
-    driver: psycopg.AsyncConnection,
-) -> AsyncGenerator[Notification, None]:
-    try:
-        async for notify in driver.notifies():
-            yield Notification(notify.channel, notify.payload)
-    except psycopg.OperationalError as error:
-        raise ConnectionLostError(str(error).strip().splitlines()[0]) from None
-    raise ConnectionLostError("the connection was closed")  # pragma: no cover - not seen
-
-
-def _may_reconnect(error: BaseException) -> bool:
-    """Refused, timed out: the server may come back. Not a wrong password or database."""
-    return isinstance(error, DatabaseUnavailableError) and error.transient
-
-
-def _log_reconnect(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    wait = state.next_action.sleep if state.next_action else 0.0
-    logger.warning("listener: %s; connecting again in %.2f s", error, wait)
+def _engine(settings: Settings) -> AsyncEngine:
+    """The app's URL, TLS and timeouts, but no pool: the listener's one connection is closed,
+    with its LISTEN, when the listener ends or loses it."""
+    check_tls_files(settings)
+    engine = create_async_engine(
+        settings.url,
+        poolclass=NullPool,
+        hide_parameters=settings.db_hide_parameters,
+        connect_args=connect_args(settings),
+    )
+    classify_connect_failures(engine)
+    return engine
     # --8<-- [end:listen]
