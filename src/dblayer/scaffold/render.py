@@ -201,15 +201,27 @@ class _RenameStrings(cst.CSTTransformer):
         super().__init__()
         self.package = package
         alternatives = "|".join(sorted((re.escape(m) for m in modules), key=len, reverse=True))
-        self.pattern = re.compile(rf"\b{CANONICAL}(?=\.(?:{alternatives})\b|_)")
+        self.pattern = re.compile(rf"\b{CANONICAL}(?=\.(?:{alternatives})\b|_|-pg-)")
         self.upper = re.compile(rf"\b{CANONICAL.upper()}_")
+
+    def _renamed(self, text: str) -> str:
+        text = self.pattern.sub(self.package, text)
+        return self.upper.sub(f"{self.package.upper()}_", text)
 
     def leave_SimpleString(
         self, original_node: cst.SimpleString, updated_node: cst.SimpleString
     ) -> cst.SimpleString:
-        value = self.pattern.sub(self.package, updated_node.value)
-        value = self.upper.sub(f"{self.package.upper()}_", value)
-        return updated_node.with_changes(value=value)
+        return updated_node.with_changes(value=self._renamed(updated_node.value))
+
+    def leave_FormattedStringText(
+        self, original_node: cst.FormattedStringText, updated_node: cst.FormattedStringText
+    ) -> cst.FormattedStringText:
+        """The literal parts of an f-string: `f"dblayer_{name}"`."""
+        return updated_node.with_changes(value=self._renamed(updated_node.value))
+
+    def leave_Comment(self, original_node: cst.Comment, updated_node: cst.Comment) -> cst.Comment:
+        """A comment naming an emitted module or variable (`DBLAYER_PG`) names the reader's."""
+        return updated_node.with_changes(value=self._renamed(updated_node.value))
 
 
 def rename(source: str, package: str, modules: Collection[str]) -> str:
@@ -217,3 +229,29 @@ def rename(source: str, package: str, modules: Collection[str]) -> str:
     (dotted paths below the package, like `migrate` or `api.deps`)."""
     tree = cst.parse_module(source).visit(_RenamePackage(package))
     return tree.visit(_RenameStrings(package, modules)).code
+
+
+class _SetDefault(cst.CSTTransformer):
+    """`name: T = old` in a class body becomes `name: T = value` (a string)."""
+
+    def __init__(self, name: str, value: str) -> None:
+        super().__init__()
+        self.name, self.value, self.found = name, value, 0
+
+    def leave_AnnAssign(
+        self, original_node: cst.AnnAssign, updated_node: cst.AnnAssign
+    ) -> cst.AnnAssign:
+        target = updated_node.target
+        if isinstance(target, cst.Name) and target.value == self.name:
+            self.found += 1
+            return updated_node.with_changes(value=cst.SimpleString(f'"{self.value}"'))
+        return updated_node
+
+
+def set_default(source: str, name: str, value: str) -> str:
+    """`source` with the annotated assignment to `name` (a settings field) defaulting to `value`."""
+    transform = _SetDefault(name, value)
+    code = cst.parse_module(source).visit(transform).code
+    if transform.found != 1:
+        raise ScaffoldError(f"{name}: {transform.found} annotated assignments, not one")
+    return code
