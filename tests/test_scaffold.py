@@ -162,6 +162,11 @@ def test_check_shows_what_the_guide_changed(
     [
         (["afile", "--package", "shop"], "afile: not a directory"),
         (["project", "--package", "Shop"], "--package 'Shop': not a valid package name"),
+        (
+            ["project", "--package", "My-Shop"],
+            "--package 'My-Shop': not a valid package name (lower-case letters, digits and _, a "
+            "letter first, at most 20; not a keyword or a standard module); my_shop?\n",
+        ),
         (["project", "--package", "class"], "--package 'class': not a valid package name"),
         (["project", "--package", "json"], "--package 'json': not a valid package name"),
         (["project", "--package", "dblayer"], "--package 'dblayer': the project imports"),
@@ -310,6 +315,7 @@ def test_a_dangling_symlink_is_not_written_through(
 
 def test_psycopg_is_the_default_of_a_psycopg_project() -> None:
     """Without `.env` (CI, production) the settings' default is what the project installs."""
+    assert scaffold.DRIVERS == DRIVERS
     for driver in DRIVERS:
         (settings,) = [f for f in plan(Options("shop", driver)) if f.path.endswith("settings.py")]
         assert f'    database_driver: Driver = "{driver}"  # DATABASE_DRIVER' in settings.text

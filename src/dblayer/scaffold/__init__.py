@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from string import Template
+from typing import TYPE_CHECKING
 
 from dblayer.scaffold.render import (
     SOURCE,
@@ -43,7 +44,13 @@ from dblayer.scaffold.render import (
     rename,
     set_default,
 )
-from dblayer.settings import DRIVERS, Driver
+
+if TYPE_CHECKING:
+    from dblayer.settings import Driver
+
+# dblayer.settings' DRIVERS (a test holds them equal), without importing SQLAlchemy and pydantic
+# at start-up: the command is run more often than it renders.
+DRIVERS: tuple[Driver, ...] = ("asyncpg", "psycopg")
 
 __all__ = ["Emitted", "Outcome", "ScaffoldError", "apply", "check", "main", "plan"]
 
@@ -279,9 +286,12 @@ def _refused_name(target: Path, package: str) -> str | None:
         or keyword.iskeyword(package)
         or package in sys.stdlib_module_names
     ):
+        suggestion = re.sub(r"[^a-z0-9_]", "_", package.lower())
+        valid = suggestion != package and _PACKAGE.fullmatch(suggestion)
+        hint = f"; {suggestion}?" if valid and _refused_name(target, suggestion) is None else ""
         return (
             "not a valid package name (lower-case letters, digits and _, a letter first, "
-            "at most 20; not a keyword or a standard module)"
+            f"at most 20; not a keyword or a standard module){hint}"
         )
     if package in _TAKEN:
         return "the project imports or installs a module of that name, or pytest owns it"
