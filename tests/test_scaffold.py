@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -21,8 +22,10 @@ from dblayer.scaffold.render import (
     canonical_text,
     definitions,
     drop,
+    drop_members,
     rename,
     set_default,
+    strip,
 )
 from dblayer.settings import DRIVERS, Driver
 from tests.blocks import READERS_PYTEST
@@ -102,7 +105,7 @@ def test_a_project_keeps_its_files_and_gets_only_the_missing_keys(
     assert text.count("POSTGRES_HOST=") == 1
     assert "DATABASE_URL=postgresql://postgres" not in text  # commented out counts as there
     assert "DATABASE_DRIVER=psycopg\n" in text
-    appended = out[out.index("appended .env.example (13 keys):") : out.index("next steps")]
+    appended = out[out.index("appended .env.example (12 keys):") : out.index("next steps")]
     assert "POSTGRES_PORT" in appended
     assert "POSTGRES_HOST" not in appended
     assert " DATABASE_URL" not in appended
@@ -392,6 +395,45 @@ def test_a_second_run_with_another_driver_says_what_the_first_wrote(
     assert "warning: the first run wrote the project for psycopg" in out
 
 
+def test_what_is_only_the_guides_stays_out_of_the_emitted_code() -> None:
+    """No pointer to the guide's pages, revisions or Makefile, no settings whose code (read
+    replicas, page cursors) is not emitted, nothing named after the guide's package."""
+    leftovers = re.compile(
+        r"dblayer\.(?!scaffold)|dblayer[_/-]|DBLAYER|docs/|`make |revision 0002|0002, 0003|"
+        r"replica_url|for_replica|cursor_secret|CURSOR_SECRET|Makefile",
+    )
+    for options in (Options("shop"), Options("shop", "psycopg", fastapi=False)):
+        for file in plan(options):
+            found = leftovers.findall(file.text)
+            assert not found, (file.path, found)
+        env = "".join(lines for _, lines in scaffold.env_entries("asyncpg"))
+        assert not leftovers.findall(env)
+    with pytest.raises(ScaffoldError, match="migrate: 0 of 'gone', not one"):
+        strip("text", ["gone"], "migrate")
+
+
+def test_drop_members_takes_fields_methods_validator_arguments_and_keywords() -> None:
+    source = (
+        "import secrets\n"
+        "class S:\n"
+        "    a: int = 1\n"
+        "    b: int = 2\n"
+        "    @validator('a', 'b')\n"
+        "    def check(cls, v): return v\n"
+        "    def only_b(self): return self.b\n"
+        "x = f(\n    a=1,\n    # about b\n    b=secrets.token_hex(),\n)\n"
+        "y = f(b=2, a=1)\n"
+    )
+    assert drop_members(source, ["b", "only_b"]) == (
+        "class S:\n"
+        "    a: int = 1\n"
+        "    @validator('a')\n"
+        "    def check(cls, v): return v\n"
+        "x = f(\n    a=1,\n)\n"
+        "y = f(a=1)\n"
+    )
+
+
 def test_render_refuses_what_the_guide_no_longer_has() -> None:
     with pytest.raises(ScaffoldError, match="no longer defines nothing_here"):
         definitions("dblayer.session", ["session_scope", "nothing_here"])
@@ -434,7 +476,7 @@ def test_rename_reaches_imports_references_and_module_strings() -> None:
     assert rename(source, "shop", ["migrate", "settings"]) == (
         "import shop.migrate\n"
         "from shop.settings import get_settings\n"
-        "_dblayer_run = shop.migrate.upgrade\n"
+        "_shop_run = shop.migrate.upgrade\n"
         'SETUP = "shop.migrate:upgrade"\n'
         'OTHER = "see dblayer.routing"\n'
         'PREFIX = "shop_testing_"\n'

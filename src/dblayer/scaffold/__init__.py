@@ -28,7 +28,7 @@ import re
 import sys
 import textwrap
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -40,9 +40,11 @@ from dblayer.scaffold.render import (
     ScaffoldError,
     canonical_text,
     drop,
+    drop_members,
     include,
     rename,
     set_default,
+    strip,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +62,24 @@ _PACKAGE = re.compile(r"[a-z][a-z0-9_]{0,19}")  # the test plugin's database pre
 # The testing plugin's FastAPI fixtures, left out with --no-fastapi.
 _FASTAPI_FIXTURES = ("app", "session_dependency", "_depends_on", "client")
 # `KEY=v`, `# KEY=v`, `export KEY=v`, `key = v`: a key the reader's file has, set or not.
+# What is only the guide's, taken out of the code it emits: the settings of read replicas and
+# page cursors (their code, routing and pagination, stays in the guide), and the comments that
+# point at the guide's own pages, revisions and Makefile.
+_GUIDE_ONLY_MEMBERS = {
+    "settings": ("database_replica_url", "for_replica", "db_cursor_secret", "_long_cursor_secret"),
+    "testing": ("db_cursor_secret",),
+}
+_GUIDE_ONLY_PHRASES = {
+    "settings": (
+        " (docs/scaling-pgbouncer.md)",
+        " (see 0002, 0003)",
+    ),
+    "migrate": (" (revision 0002 reads `lock_timeout`)",),
+    "binaries": (" (`make test PG=17` sets it)", " (the Makefile's `.cache/postgres`)"),
+    "embedded": ("by `make app` and ",),
+    ".env.example": (" (`python -m dblayer.roles` makes both)",),
+}
+_GUIDE_ONLY_KEYS = ("DB_CURSOR_SECRET",)
 _ENV_KEY = re.compile(r"^\s*#?\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
 MANIFEST = ".dblayer-scaffold.json"  # what the scaffold wrote: paths, hashes, options
 # What the emitted project imports or installs, and names pytest gives a meaning: a package of
@@ -132,7 +152,11 @@ def plan(options: Options) -> tuple[Emitted, ...]:
         return rename(source, package, modules)
 
     def canonical(module: str, *, without: tuple[str, ...] = ()) -> str:
-        text = canonical_text(f"dblayer.{module}")
+        text = strip(
+            canonical_text(f"dblayer.{module}"), _GUIDE_ONLY_PHRASES.get(module, ()), module
+        )
+        members = _GUIDE_ONLY_MEMBERS.get(module)
+        text = drop_members(text, members) if members else text
         return python(drop(text, without) if without else text)
 
     def template(name: str) -> str:
@@ -140,7 +164,9 @@ def plan(options: Options) -> tuple[Emitted, ...]:
 
     files = [
         Emitted(f"{base}/__init__.py", template("package_init.py.tmpl"), canonical=False),
-        Emitted(f"{base}/settings.py", _settings(python, options.driver), canonical=True),
+        Emitted(
+            f"{base}/settings.py", _settings(canonical("settings"), options.driver), canonical=True
+        ),
         Emitted(f"{base}/engine.py", canonical("engine"), canonical=True),
         Emitted(f"{base}/session.py", canonical("session"), canonical=True),
         Emitted(f"{base}/models/__init__.py", template("models_init.py.tmpl"), canonical=False),
@@ -189,10 +215,9 @@ def plan(options: Options) -> tuple[Emitted, ...]:
     return tuple(files)
 
 
-def _settings(python: Callable[[str], str], driver: Driver) -> str:
+def _settings(text: str, driver: Driver) -> str:
     """The guide's settings; with `--driver psycopg` that is the default too, so a project
     without `.env` (CI, production) never needs asyncpg, which it does not install."""
-    text = python(canonical_text("dblayer.settings"))
     return text if driver == "asyncpg" else set_default(text, "database_driver", driver)
 
 
@@ -254,10 +279,15 @@ def env_entries(driver: Driver) -> list[tuple[str, str]]:
     """The guide's `.env.example` as (key, its lines: the comments above it and the line)."""
     entries: list[tuple[str, str]] = []
     pending: list[str] = []
-    for line in (ROOT_FILES / ".env.example").read_text("utf-8").splitlines(keepends=True):
+    guide = (ROOT_FILES / ".env.example").read_text("utf-8")
+    text = strip(guide, _GUIDE_ONLY_PHRASES[".env.example"], ".env.example")
+    for line in text.splitlines(keepends=True):
         match = _ENV_KEY.match(line)
         if match is None:
             pending.append(line)
+            continue
+        if match.group(1) in _GUIDE_ONLY_KEYS:
+            pending = []
             continue
         if match.group(1) == "DATABASE_DRIVER":
             line = f"DATABASE_DRIVER={driver}\n"
