@@ -62,6 +62,9 @@ def test_an_empty_project_gets_every_file_and_a_second_run_changes_nothing(
     assert "created  src/shop/migrations/env.py" in out
     assert "created  .env.example" in out
     assert "python -m shop.prestart" in out
+    env = (project / ".env.example").read_text()
+    assert "\nPOSTGRES_DB=shop\n" in env  # the package's name, not the guide's app
+    assert "@localhost:5432/shop\n" in env
     before = snapshot(project)
     assert "src/shop/api/deps.py" in before
     status, out, _ = run(capsys, project, "--package", "shop")

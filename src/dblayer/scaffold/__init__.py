@@ -275,8 +275,9 @@ def _pyproject(options: Options) -> str:
     )
 
 
-def env_entries(driver: Driver) -> list[tuple[str, str]]:
-    """The guide's `.env.example` as (key, its lines: the comments above it and the line)."""
+def env_entries(driver: Driver, package: str = "app") -> list[tuple[str, str]]:
+    """The guide's `.env.example` as (key, its lines: the comments above it and the line), with
+    the project's driver, and its package's name as the database's (the guide's is `app`)."""
     entries: list[tuple[str, str]] = []
     pending: list[str] = []
     guide = (ROOT_FILES / ".env.example").read_text("utf-8")
@@ -291,6 +292,10 @@ def env_entries(driver: Driver) -> list[tuple[str, str]]:
             continue
         if match.group(1) == "DATABASE_DRIVER":
             line = f"DATABASE_DRIVER={driver}\n"
+        elif match.group(1) == "POSTGRES_DB":
+            line = f"POSTGRES_DB={package}\n"
+        else:  # the URLs' database, in the commented-out examples
+            line = line.replace(":5432/app\n", f":5432/{package}\n")
         entries.append((match.group(1), "".join([*pending, line])))
         pending = []
     return entries
@@ -302,11 +307,12 @@ def _env_keys(text: str) -> set[str]:
     return {m.group(1).upper() for line in text.splitlines() if (m := _ENV_KEY.match(line))}
 
 
-def _missing_env(target: Path, driver: Driver) -> tuple[str | None, list[tuple[str, str]]]:
+def _missing_env(target: Path, options: Options) -> tuple[str | None, list[tuple[str, str]]]:
     path = target / ".env.example"
     existing = path.read_text("utf-8") if path.is_file() else None
     known = _env_keys(existing or "")
-    return existing, [(key, lines) for key, lines in env_entries(driver) if key not in known]
+    entries = env_entries(options.driver, options.package)
+    return existing, [(key, lines) for key, lines in entries if key not in known]
 
 
 def _refused_name(target: Path, package: str) -> str | None:
@@ -501,7 +507,7 @@ def apply(target: Path, options: Options, *, dry_run: bool = False) -> list[Outc
 def _env_outcome(target: Path, options: Options, usable: bool) -> tuple[Outcome, str | None]:
     if not usable:
         return Outcome(".env.example", "skipped", "not a regular file"), None
-    existing, missing = _missing_env(target, options.driver)
+    existing, missing = _missing_env(target, options)
     if existing is None:
         return Outcome(".env.example", "created"), "".join(lines for _, lines in missing)
     if not missing:
@@ -641,7 +647,7 @@ def check(target: Path, options: Options) -> tuple[list[str], int]:
         changed += 1
         lines.append(f"changed   {file.path}{_by_whom(emitted.get(file.path), yours, file.text)}")
         lines += _diff(yours, file.text, file.path)
-    _, missing = _missing_env(target, options.driver)
+    _, missing = _missing_env(target, options)
     if missing:
         changed += 1
         lines.append(f"missing   .env.example keys: {', '.join(key for key, _ in missing)}")
