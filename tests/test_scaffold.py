@@ -12,11 +12,12 @@ import sys
 import venv
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dblayer import scaffold
-from dblayer.scaffold import Options, main, plan
+from dblayer.scaffold import MANIFEST, Options, main, plan
 from dblayer.scaffold.render import (
     ScaffoldError,
     canonical_text,
@@ -435,6 +436,64 @@ def test_drop_members_takes_fields_methods_validator_arguments_and_keywords() ->
         "x = f(\n    a=1,\n)\n"
         "y = f(a=1)\n"
     )
+
+
+def test_what_the_scaffold_cannot_read_or_write_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest that is not JSON, a directory it may not write, a write failing half-way
+    (what was written before it is named), and reader's files it cannot parse."""
+    (tmp_path / MANIFEST).write_text("{not json")
+    status, _, err = run(capsys, tmp_path, "--package", "shop")
+    assert (status, err.split(" (")[0]) == (1, f"scaffold: {tmp_path / MANIFEST}: cannot read it")
+    (tmp_path / MANIFEST).unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(scaffold.os, "access", lambda *_: False)  # root may write anywhere
+        status, _, err = run(capsys, tmp_path, "--package", "shop")
+    assert err.startswith(f"scaffold: cannot write src/shop/__init__.py: {tmp_path} is not writ")
+    opened = Path.open
+
+    def failing(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path.name == "engine.py":
+            raise PermissionError(13, "Permission denied")
+        return opened(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", failing)
+        status, _, err = run(capsys, tmp_path, "--package", "shop")
+    assert status == 1
+    assert err == (
+        f"scaffold: cannot write {tmp_path}/src/shop/engine.py: Permission denied; written "
+        "before it: src/shop/__init__.py, src/shop/settings.py\n"
+    )
+    project = tmp_path / "other"
+    (project / "src" / "shop" / "models").mkdir(parents=True)
+    (project / "src" / "shop" / "settings.py").write_text("def broken(:\n")
+    (project / "src" / "shop" / "models" / "__init__.py").write_text("from x import *\n")
+    (project / "alembic.ini").write_text("no section\n")
+    status, out, _ = run(capsys, project, "--package", "shop")
+    notes = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert notes[0].startswith("warning: src/shop/models/__init__.py is yours; check it has what ")
+    assert notes[1].startswith("warning: src/shop/settings.py is yours; check it has what ")
+    assert notes[2].startswith("warning: alembic.ini is yours; its script_location is (unread")
+    ini = project / "alembic.ini"
+    ini.write_text("[alembic]\nscript_location = %(here)s/src/shop/migrations\n")
+    out = run(capsys, project, "--package", "shop")[1]
+    assert "alembic.ini is yours" not in out  # its migrations are the package's
+    (project / MANIFEST).unlink()  # a project scaffolded before the manifest: who changed it?
+    engine = project / "src" / "shop" / "engine.py"
+    engine.write_text(engine.read_text() + "# mine\n")
+    out = run(capsys, project, "--package", "shop", "--check")[1]
+    assert "changed   src/shop/engine.py\n" in out
+
+
+def test_the_projects_own_installed_package_is_not_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "src" / "myshop").mkdir(parents=True)
+    (tmp_path / "src" / "myshop" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))  # as `pip install -e .` makes it
+    assert run(capsys, tmp_path, "--package", "myshop", "--dry-run")[0] == 0
 
 
 def test_render_refuses_what_the_guide_no_longer_has() -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dblayer.scaffold.render import (
     SOURCE,
@@ -350,29 +350,21 @@ def _layout(target: Path, package: str, pyproject: dict[str, object]) -> str:
         return "."
     if (target / "src" / package).is_dir():
         return "src"
-    tool = pyproject.get("tool")
-    tool = tool if isinstance(tool, dict) else {}
-    hints: list[object] = []
-    setuptools = tool.get("setuptools", {})
-    if isinstance(setuptools, dict):
-        packages = setuptools.get("packages")
-        if isinstance(packages, dict) and isinstance(packages.get("find"), dict):
-            hints += packages["find"].get("where", [])
-        elif isinstance(packages, list):
-            hints += ["." if package in packages else "src"]
-    poetry = tool.get("poetry", {})
-    if isinstance(poetry, dict):
-        for entry in poetry.get("packages", []):
-            if isinstance(entry, dict):
-                hints.append(entry.get("from", "."))
-    hatch = tool.get("hatch", {})
-    wheel = (
-        hatch.get("build", {}).get("targets", {}).get("wheel", {})
-        if isinstance(hatch, dict)
-        else {}
-    )
-    if isinstance(wheel, dict):
-        hints += ["src" if str(p).startswith("src/") else "." for p in wheel.get("packages", [])]
+
+    def table(*keys: str) -> dict[str, Any]:
+        node: object = pyproject
+        for key in keys:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        return node if isinstance(node, dict) else {}
+
+    hints: list[object] = list(table("tool", "setuptools", "packages", "find").get("where", []))
+    listed = table("tool", "setuptools").get("packages")
+    if isinstance(listed, list):
+        hints.append("." if package in listed else "src")
+    poetry = table("tool", "poetry").get("packages", [])
+    hints += [entry.get("from", ".") for entry in poetry if isinstance(entry, dict)]
+    wheel = table("tool", "hatch", "build", "targets", "wheel").get("packages", [])
+    hints += ["src" if str(p).startswith("src/") else "." for p in wheel]
     return "." if hints and all(str(h).strip("./") == "" for h in hints) else "src"
 
 
