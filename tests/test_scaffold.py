@@ -448,7 +448,7 @@ def test_what_the_scaffold_cannot_read_or_write_is_said(
     assert (status, err.split(" (")[0]) == (1, f"scaffold: {tmp_path / MANIFEST}: cannot read it")
     (tmp_path / MANIFEST).unlink()
     with monkeypatch.context() as patch:
-        patch.setattr(scaffold.os, "access", lambda *_: False)  # root may write anywhere
+        patch.setattr(os, "access", lambda *_: False)  # root may write anywhere
         status, _, err = run(capsys, tmp_path, "--package", "shop")
     assert err.startswith(f"scaffold: cannot write src/shop/__init__.py: {tmp_path} is not writ")
     opened = Path.open
