@@ -90,7 +90,8 @@ def drop(source: str, names: Collection[str]) -> str:
     """`source` without the top-level statements defining `names`, nor the imports only they
     used; an `if TYPE_CHECKING:` block left with no import goes too."""
     tree = cst.parse_module(source)
-    tree = tree.with_changes(body=[s for s in tree.body if not _defined_names(s) & set(names)])
+    if names:
+        tree = tree.with_changes(body=[s for s in tree.body if not _defined_names(s) & set(names)])
     for _ in range(2):  # again once an emptied `if TYPE_CHECKING:` went: its name is unused
         used = _UsedNames()
         tree.visit(used)
@@ -180,7 +181,7 @@ def _empty_if(statement: cst.CSTNode) -> bool:
 
 class _RenamePackage(cst.CSTTransformer):
     """The identifier `dblayer`, wherever it stands (`from dblayer.x import y`, `import
-    dblayer.x`, `dblayer.x.y`), becomes the package; `_dblayer_run` is another identifier."""
+    dblayer.x`, `dblayer.x.y`), becomes the package, and `_dblayer_run` `_shop_run`."""
 
     def __init__(self, package: str) -> None:
         super().__init__()
@@ -189,6 +190,9 @@ class _RenamePackage(cst.CSTTransformer):
     def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.Name:
         if updated_node.value == CANONICAL:
             return updated_node.with_changes(value=self.package)
+        if updated_node.value.startswith(f"_{CANONICAL}_"):  # the plugin's `_dblayer_run`
+            value = f"_{self.package}_" + updated_node.value.removeprefix(f"_{CANONICAL}_")
+            return updated_node.with_changes(value=value)
         return updated_node
 
 
@@ -201,15 +205,31 @@ class _RenameStrings(cst.CSTTransformer):
         super().__init__()
         self.package = package
         alternatives = "|".join(sorted((re.escape(m) for m in modules), key=len, reverse=True))
-        self.pattern = re.compile(rf"\b{CANONICAL}(?=\.(?:{alternatives})\b|_)")
+        # `dblayer.migrate`, `dblayer_testing_`, `dblayer-pg-`, `~/.cache/dblayer/postgres`, and
+        # the string "dblayer" itself (a cache directory's name).
+        self.pattern = re.compile(
+            rf"\b{CANONICAL}(?=\.(?:{alternatives})\b|_|-pg-|/postgres)|(?<=\"){CANONICAL}(?=\")"
+        )
         self.upper = re.compile(rf"\b{CANONICAL.upper()}_")
+
+    def _renamed(self, text: str) -> str:
+        text = self.pattern.sub(self.package, text)
+        return self.upper.sub(f"{self.package.upper()}_", text)
 
     def leave_SimpleString(
         self, original_node: cst.SimpleString, updated_node: cst.SimpleString
     ) -> cst.SimpleString:
-        value = self.pattern.sub(self.package, updated_node.value)
-        value = self.upper.sub(f"{self.package.upper()}_", value)
-        return updated_node.with_changes(value=value)
+        return updated_node.with_changes(value=self._renamed(updated_node.value))
+
+    def leave_FormattedStringText(
+        self, original_node: cst.FormattedStringText, updated_node: cst.FormattedStringText
+    ) -> cst.FormattedStringText:
+        """The literal parts of an f-string: `f"dblayer_{name}"`."""
+        return updated_node.with_changes(value=self._renamed(updated_node.value))
+
+    def leave_Comment(self, original_node: cst.Comment, updated_node: cst.Comment) -> cst.Comment:
+        """A comment naming an emitted module or variable (`DBLAYER_PG`) names the reader's."""
+        return updated_node.with_changes(value=self._renamed(updated_node.value))
 
 
 def rename(source: str, package: str, modules: Collection[str]) -> str:
@@ -217,3 +237,75 @@ def rename(source: str, package: str, modules: Collection[str]) -> str:
     (dotted paths below the package, like `migrate` or `api.deps`)."""
     tree = cst.parse_module(source).visit(_RenamePackage(package))
     return tree.visit(_RenameStrings(package, modules)).code
+
+
+class _SetDefault(cst.CSTTransformer):
+    """`name: T = old` in a class body becomes `name: T = value` (a string)."""
+
+    def __init__(self, name: str, value: str) -> None:
+        super().__init__()
+        self.name, self.value, self.found = name, value, 0
+
+    def leave_AnnAssign(
+        self, original_node: cst.AnnAssign, updated_node: cst.AnnAssign
+    ) -> cst.AnnAssign:
+        target = updated_node.target
+        if isinstance(target, cst.Name) and target.value == self.name:
+            self.found += 1
+            return updated_node.with_changes(value=cst.SimpleString(f'"{self.value}"'))
+        return updated_node
+
+
+def set_default(source: str, name: str, value: str) -> str:
+    """`source` with the annotated assignment to `name` (a settings field) defaulting to `value`."""
+    transform = _SetDefault(name, value)
+    code = cst.parse_module(source).visit(transform).code
+    if transform.found != 1:
+        raise ScaffoldError(f"{name}: {transform.found} annotated assignments, not one")
+    return code
+
+
+class _DropMembers(cst.CSTTransformer):
+    """Class members defining `names` (fields, methods, validators), a field named in a
+    validator's decorator, and a keyword argument named so (`get_settings(name=...)`)."""
+
+    def __init__(self, names: Collection[str]) -> None:
+        super().__init__()
+        self.names = set(names)
+
+    def leave_IndentedBlock(
+        self, original_node: cst.IndentedBlock, updated_node: cst.IndentedBlock
+    ) -> cst.IndentedBlock:
+        kept = [s for s in updated_node.body if not _defined_names(s) & self.names]
+        return updated_node.with_changes(body=kept)
+
+    def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
+        args = list(updated_node.args)
+        kept = [a for a in args if not self._dropped(a)]
+        if len(kept) == len(args):
+            return updated_node
+        if kept and args[-1] not in kept:  # the last one went: its comma and line break stay
+            kept[-1] = kept[-1].with_changes(comma=args[-1].comma)
+        return updated_node.with_changes(args=kept)
+
+    def _dropped(self, arg: cst.Arg) -> bool:
+        if arg.keyword is not None:
+            return arg.keyword.value in self.names
+        value = arg.value
+        return isinstance(value, cst.SimpleString) and value.evaluated_value in self.names
+
+
+def drop_members(source: str, names: Collection[str]) -> str:
+    """`source` without the class members and keyword arguments named `names` (see
+    `_DropMembers`), nor the imports only they used."""
+    return drop(cst.parse_module(source).visit(_DropMembers(names)).code, ())
+
+
+def strip(text: str, phrases: Collection[str], where: str) -> str:
+    """`text` without each of `phrases` (the guide's references to itself in comments and
+    docstrings), each found exactly once: a phrase the guide no longer has is an error."""
+    for phrase in phrases:
+        if text.count(phrase) != 1:
+            raise ScaffoldError(f"{where}: {text.count(phrase)} of {phrase!r}, not one")
+        text = text.replace(phrase, "")
+    return text
