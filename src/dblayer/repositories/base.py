@@ -9,7 +9,8 @@ every value a client sends travels as a bound parameter, never as SQL text.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar, cast
@@ -32,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncScalarResult, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from dblayer.models import Base, SoftDeleteMixin, TimestampMixin
@@ -241,6 +242,33 @@ class Repository(Generic[ModelT]):
         result = await self.session.execute(statement)
         return cast("CursorResult[Any]", result).rowcount
         # --8<-- [end:bulk]
+
+    # --8<-- [start:stream]
+    @asynccontextmanager
+    async def stream(
+        self,
+        *,
+        filters: Mapping[str, object] | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+        batch: int = 1000,
+    ) -> AsyncIterator[AsyncScalarResult[ModelT]]:
+        """Every matching row, in key order, fetched `batch` at a time through a server-side
+        cursor, so memory holds one batch however many rows there are:
+        `async with repo.stream() as rows: async for row in rows: ...`. The cursor is closed
+        when the block ends, also by `break`, an error or a cancelled task (a psycopg cursor
+        left open warns when collected). It lives in the caller's transaction."""
+        statement = (
+            self._select()
+            .where(*self._conditions(filters), *where)
+            .order_by(self._pk)
+            .execution_options(yield_per=batch)
+        )
+        result = await self.session.stream_scalars(statement)
+        try:
+            yield result
+        finally:
+            await result.close()
+        # --8<-- [end:stream]
 
     # --8<-- [start:upsert]
     async def upsert(
