@@ -8,12 +8,19 @@ import gc
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from dblayer.models import Task, TaskStatus
 from dblayer.repositories import TaskRepository, UserRepository
 from dblayer.session import session_scope
 
 ROWS = 2500
+
+
+def checked_out(engine: AsyncEngine) -> int:
+    pool = engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
 
 
 @pytest.fixture
@@ -58,9 +65,9 @@ async def test_break_closes_the_cursor(
             async for _ in rows:
                 break
         gc.collect()
-        assert engine.pool.checkedout() == 1  # the session's, until it ends
+        assert checked_out(engine) == 1  # the session's, until it ends
         assert await TaskRepository(session).count() == ROWS  # the session goes on
-    assert engine.pool.checkedout() == 0
+    assert checked_out(engine) == 0
 
 
 @pytest.mark.usefixtures("tasks")
@@ -82,11 +89,11 @@ async def test_an_error_or_a_cancelled_task_closes_it_and_returns_the_connection
     with pytest.raises(asyncio.CancelledError):
         await running
     gc.collect()
-    assert engine.pool.checkedout() == 0
+    assert checked_out(engine) == 0
 
     with pytest.raises(RuntimeError, match="stop"):
         async with sessionmaker() as session, TaskRepository(session).stream() as rows:
             async for _ in rows:
                 raise RuntimeError("stop")
     gc.collect()
-    assert engine.pool.checkedout() == 0
+    assert checked_out(engine) == 0
