@@ -20,6 +20,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Select,
+    Table,
     bindparam,
     delete,
     func,
@@ -36,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncScalarResult, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from dblayer.models import Base, SoftDeleteMixin, TimestampMixin
+from dblayer.models import Base, SoftDeleteMixin
 from dblayer.repositories.copy import copy_rows
 from dblayer.repositories.cursors import (
     InvalidCursorError,
@@ -296,8 +297,8 @@ class Repository(Generic[ModelT]):
         }
         if not set_:  # DO NOTHING would return no row for an existing key: a no-op update does
             set_ = {self._pk.key: self._pk}
-        elif issubclass(self.model, TimestampMixin):
-            set_["updated_at"] = func.now()  # ON CONFLICT's SET ignores Python-side `onupdate`
+        else:  # ON CONFLICT's SET ignores the columns' `onupdate` (updated_at): say it here
+            set_.update(_on_update(self.model))
         statement = statement.on_conflict_do_update(
             index_elements=self.upsert_index, index_where=self.upsert_where, set_=set_
         )
@@ -306,14 +307,17 @@ class Repository(Generic[ModelT]):
             self.model,
             literal_column("xmax = 0", Boolean),  # inserted here, not updated
         )
-        for attempt in range(1, UPSERT_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with self.session.begin_nested():  # a failed attempt undoes only itself
                     result = await self.session.execute(
                         returning, list(rows), execution_options={"populate_existing": True}
                     )
                     pairs = result.all()
-                break
+                items = cast("list[ModelT]", [pair[0] for pair in pairs])
+                return Upserted(items, [pair[1] for pair in pairs])
             except IntegrityError as error:
                 # ON CONFLICT arbitrates its own index only. A concurrent insert of the same key
                 # can still collide on another unique index (the username), and PostgreSQL then
@@ -321,8 +325,6 @@ class Repository(Generic[ModelT]):
                 # on the key, and the next attempt updates.
                 if attempt == UPSERT_ATTEMPTS or getattr(error.orig, "sqlstate", "") != "23505":
                     raise
-        items = cast("list[ModelT]", [pair[0] for pair in pairs])
-        return Upserted(items, [pair[1] for pair in pairs])
         # --8<-- [end:upsert]
 
     def _cursor_key(self) -> bytes:
@@ -376,6 +378,16 @@ def _column(model: type[Base], name: str) -> InstrumentedAttribute[Any]:
         raise ValueError(f"{model.__name__} has no column {name!r}")
     column: InstrumentedAttribute[Any] = getattr(model, name)
     return column
+
+
+def _on_update(model: type[Base]) -> dict[str, Any]:
+    """The SQL expressions the model's columns set on every UPDATE (`updated_at = now()`)."""
+    table: Table = model.__table__  # type: ignore[assignment]
+    return {
+        column.name: column.onupdate.arg  # type: ignore[attr-defined]
+        for column in table.columns
+        if column.onupdate is not None and column.onupdate.is_clause_element
+    }
 
 
 def _values(obj: Base, *names: str) -> list[Any]:
