@@ -9,26 +9,32 @@ every value a client sends travels as a bound parameter, never as SQL text.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import SecretStr, TypeAdapter, ValidationError
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Select,
+    Table,
     bindparam,
     delete,
     func,
     insert,
     literal,
+    literal_column,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncScalarResult, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from dblayer.models import Base, SoftDeleteMixin
@@ -41,6 +47,7 @@ from dblayer.repositories.cursors import (
 )
 
 ModelT = TypeVar("ModelT", bound=Base)
+UPSERT_ATTEMPTS = 3  # an upsert that collides on another unique index is tried this many times
 
 
 class InvalidQueryError(ValueError):
@@ -59,6 +66,24 @@ class Page(Generic[ModelT]):
     # --8<-- [end:page]
 
 
+# --8<-- [start:upserted]
+@dataclass(frozen=True)
+class Upserted(Generic[ModelT]):
+    """The rows of an upsert (in no particular order), and which of them were new."""
+
+    items: list[ModelT]
+    created: list[bool]  # per item: True where the row was inserted, False where it existed
+
+    @property
+    def inserted(self) -> int:
+        return sum(self.created)
+
+    @property
+    def updated(self) -> int:
+        return len(self.created) - self.inserted
+        # --8<-- [end:upserted]
+
+
 # --8<-- [start:repository]
 class Repository(Generic[ModelT]):
     """CRUD, pagination and bulk operations for `model`. Subclasses set the allow-lists."""
@@ -69,6 +94,10 @@ class Repository(Generic[ModelT]):
     default_sort: ClassVar[str] = "created_at"  # "-created_at" sorts newest first
     max_page_size: ClassVar[int] = 100
     copy_threshold: ClassVar[int] = 1000  # bulk_create switches to COPY from this many rows
+    # The unique index an upsert is keyed on: its columns or expressions, and its predicate
+    # when it is partial, word for word (PostgreSQL infers the index from them). None: no upsert.
+    upsert_index: ClassVar[tuple[Any, ...] | None] = None
+    upsert_where: ClassVar[ColumnElement[bool] | None] = None
     _by_id: ClassVar[Select[Any]]
 
     def __init__(self, session: AsyncSession, *, cursor_secret: SecretStr | None = None) -> None:
@@ -215,6 +244,89 @@ class Repository(Generic[ModelT]):
         return cast("CursorResult[Any]", result).rowcount
         # --8<-- [end:bulk]
 
+    # --8<-- [start:stream]
+    @asynccontextmanager
+    async def stream(
+        self,
+        *,
+        filters: Mapping[str, object] | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+        batch: int = 1000,
+    ) -> AsyncIterator[AsyncScalarResult[ModelT]]:
+        """Every matching row, in key order, fetched `batch` at a time through a server-side
+        cursor, so memory holds one batch however many rows there are:
+        `async with repo.stream() as rows: async for row in rows: ...`. The cursor is closed
+        when the block ends, also by `break`, an error or a cancelled task (a psycopg cursor
+        left open warns when collected). It lives in the caller's transaction."""
+        statement = (
+            self._select()
+            .where(*self._conditions(filters), *where)
+            .order_by(self._pk)
+            .execution_options(yield_per=batch)
+        )
+        result = await self.session.stream_scalars(statement)
+        try:
+            yield result
+        finally:
+            await result.close()
+        # --8<-- [end:stream]
+
+    # --8<-- [start:upsert]
+    async def upsert(
+        self, rows: Sequence[Mapping[str, Any]], *, update: Collection[str]
+    ) -> Upserted[ModelT]:
+        """Insert the rows; where one conflicts on `upsert_index`, set its `update` columns from
+        the row instead (`update=()`: leave it as it is, get-or-create). One statement,
+        `INSERT … ON CONFLICT DO UPDATE … RETURNING`: concurrent calls for the same key never
+        fail with a duplicate key, and every row comes back, as ORM objects refreshed from
+        the database (`populate_existing`), with whether it was inserted (`xmax = 0`).
+
+        The rows go in batches of up to 1000 in one statement each: two rows with the same key
+        in a batch fail (SQLSTATE 21000). A row that conflicts on another unique index fails
+        with an IntegrityError, after `UPSERT_ATTEMPTS` tries (see below), each in a savepoint:
+        the caller's transaction goes on. Under REPEATABLE READ or SERIALIZABLE a retry meets a
+        row its snapshot cannot see and fails with a serialization error (retry the whole
+        unit of work then)."""
+        if self.upsert_index is None:
+            raise TypeError(f"{type(self).__name__} has no upsert_index")
+        if not rows:
+            return Upserted([], [])
+        statement = pg_insert(self.model)
+        set_: dict[str, Any] = {
+            name: statement.excluded[_column(self.model, name).key] for name in update
+        }
+        if not set_:  # DO NOTHING would return no row for an existing key: a no-op update does
+            set_ = {self._pk.key: self._pk}
+        else:  # ON CONFLICT's SET ignores the columns' `onupdate` (updated_at): say it here
+            set_.update(_on_update(self.model))
+        statement = statement.on_conflict_do_update(
+            index_elements=self.upsert_index, index_where=self.upsert_where, set_=set_
+        )
+        # Without `sort_by_parameter_order`: with it, SQLAlchemy sends one statement per row.
+        returning = statement.returning(
+            self.model,
+            literal_column("xmax = 0", Boolean),  # inserted here, not updated
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.session.begin_nested():  # a failed attempt undoes only itself
+                    result = await self.session.execute(
+                        returning, list(rows), execution_options={"populate_existing": True}
+                    )
+                    pairs = result.all()
+                items = cast("list[ModelT]", [pair[0] for pair in pairs])
+                return Upserted(items, [pair[1] for pair in pairs])
+            except IntegrityError as error:
+                # ON CONFLICT arbitrates its own index only. A concurrent insert of the same key
+                # can still collide on another unique index (the username), and PostgreSQL then
+                # raises instead of updating; once that insert has committed, the conflict is
+                # on the key, and the next attempt updates.
+                if attempt == UPSERT_ATTEMPTS or getattr(error.orig, "sqlstate", "") != "23505":
+                    raise
+        # --8<-- [end:upsert]
+
     def _cursor_key(self) -> bytes:
         if self._secret is not None:
             return self._secret.get_secret_value().encode()
@@ -266,6 +378,16 @@ def _column(model: type[Base], name: str) -> InstrumentedAttribute[Any]:
         raise ValueError(f"{model.__name__} has no column {name!r}")
     column: InstrumentedAttribute[Any] = getattr(model, name)
     return column
+
+
+def _on_update(model: type[Base]) -> dict[str, Any]:
+    """The SQL expressions the model's columns set on every UPDATE (`updated_at = now()`)."""
+    table: Table = model.__table__  # type: ignore[assignment]
+    return {
+        column.name: column.onupdate.arg  # type: ignore[attr-defined]
+        for column in table.columns
+        if column.onupdate is not None and column.onupdate.is_clause_element
+    }
 
 
 def _values(obj: Base, *names: str) -> list[Any]:

@@ -18,6 +18,9 @@ class UserRepository(Repository[User]):
     model = User
     sortable = ("created_at", "username", "email")
     filterable = ("is_active", "role")
+    # The unique index of revision 0003: one live user per email, whatever its case.
+    upsert_index = (func.lower(User.email),)
+    upsert_where = ~User.is_deleted
 
     async def get_by_username(self, username: str) -> User | None:
         found: User | None = await self.session.scalar(
