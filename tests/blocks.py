@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -366,6 +367,13 @@ READER_PROJECT = "/home/you/project"
 # The file a Python block is run from, as its output shows it: what a reader who saved the block
 # and ran it would see (pytest-examples would name it after the page: `pooling_536_567.py`).
 BLOCK_FILE = "main.py"
+
+
+def lay_out_checkout(directory: Path) -> None:
+    """`directory` laid out like a checkout, where a reader runs a page's code: alembic.ini beside
+    src/, and no `.env`."""
+    shutil.copy(ROOT / "alembic.ini", directory)
+    shutil.copytree(ROOT / "src", directory / "src", ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def name(block: CodeExample | ConsoleBlock) -> str:

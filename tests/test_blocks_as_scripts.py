@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import pytest
 from pytest_examples import CodeExample
 
 from dblayer.settings import DRIVERS, Driver
-from tests.blocks import FenceSettings, name, normalise
+from tests.blocks import FenceSettings, lay_out_checkout, name, normalise
 from tests.browser import build
 from tests.databases import NO_PASSWORD_AUTH, Server
 from tests.paths import DOCS, ROOT
@@ -145,8 +144,7 @@ def run_as_script(
     text: str, directory: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     """`python main.py` in `directory`, laid out like a checkout (alembic.ini beside src/)."""
-    shutil.copy(ROOT / "alembic.ini", directory)
-    shutil.copytree(ROOT / "src", directory / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    lay_out_checkout(directory)
     (directory / "main.py").write_text(text, "utf-8")
     process = subprocess.Popen(
         [sys.executable, "main.py"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import sys
 import warnings
@@ -30,6 +29,7 @@ from tests.blocks import (
     ConsoleBlock,
     FenceSettings,
     find_console_blocks,
+    lay_out_checkout,
     name,
     python_blocks,
     python_file_blocks,
@@ -298,9 +298,7 @@ def test_console_block(
         "COLUMNS": "100",
         "NO_COLOR": "1",
     }
-    # The working directory looks like a checkout (alembic.ini beside src/), without a `.env`.
-    shutil.copy(ROOT / "alembic.ini", tmp_path)
-    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    lay_out_checkout(tmp_path)
     block.write_files(tmp_path)  # the files the page showed before this block (`file="…"`)
     outputs = block.run(env, tmp_path, check=not request.config.getoption("update_examples"))
     if request.config.getoption("update_examples") and driver == primary:
