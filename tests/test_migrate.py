@@ -27,7 +27,16 @@ from dblayer.migrate import (
     upgrade_to_head,
     upgrade_with_lock,
 )
+from dblayer.engine import create_engine
+from dblayer.settings import Driver, get_settings
+from tests.databases import Databases
 from tests.paths import ROOT
+
+# The migration lock held in this test's database (parallel tests migrate their own databases).
+HELD = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 
 # The catalog's view of the schema, Alembic's own bookkeeping table left out.
 SCHEMA = text(
@@ -188,8 +197,7 @@ async def test_upgrade_with_lock_reports_what_it_did(engine: AsyncEngine) -> Non
         await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeedbeef'"))
     assert await upgrade_with_lock(engine) == Upgrade("f00dfeedbeef", "f00dfeedbeef")
     async with engine.connect() as conn:  # released: nobody holds it any more
-        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
-        assert await conn.scalar(text(held), {"key": MIGRATION_LOCK}) == 0
+        assert await conn.scalar(text(HELD), {"key": MIGRATION_LOCK}) == 0
 
 
 async def test_a_held_lock_is_waited_for_then_one_clear_error(engine: AsyncEngine) -> None:
@@ -213,6 +221,30 @@ async def test_a_held_lock_is_waited_for_then_one_clear_error(engine: AsyncEngin
     assert (await upgrade_with_lock(engine, wait=0.3)).ran
 
 
+async def test_a_migrator_in_another_database_is_not_this_ones(
+    engine: AsyncEngine, databases: Databases, driver: Driver
+) -> None:
+    """Advisory locks are per database: another database's migrator on the same server neither
+    blocks this upgrade nor shows up in the query the timeout's message gives."""
+    other = databases.clone(empty=True)
+    elsewhere = create_engine(
+        get_settings(
+            database_url=databases.url(other, driver).render_as_string(hide_password=False)
+        )
+    )
+    try:
+        async with elsewhere.connect() as stuck:
+            await stuck.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            await stuck.commit()
+            async with engine.connect() as conn:
+                assert (await conn.execute(text(FIND_MIGRATOR))).all() == []
+            await downgrade_to(engine, "0002")
+            assert (await upgrade_with_lock(engine, wait=0.3)).ran
+    finally:
+        await elsewhere.dispose()
+        databases.drop(other)
+
+
 async def test_a_failing_revision_releases_the_lock(engine: AsyncEngine, tmp_path: Path) -> None:
     """The lock is released after a failure too (the connection may go back to the pool)."""
     await downgrade_to(engine, "0002")
@@ -228,8 +260,7 @@ async def test_a_failing_revision_releases_the_lock(engine: AsyncEngine, tmp_pat
     with pytest.raises(CommandError, match="differ only in case"):
         await upgrade_with_lock(engine)
     async with engine.connect() as conn:
-        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
-        assert await conn.scalar(text(held), {"key": MIGRATION_LOCK}) == 0
+        assert await conn.scalar(text(HELD), {"key": MIGRATION_LOCK}) == 0
 
 
 async def test_the_lock_ends_with_the_session_that_held_it(engine: AsyncEngine) -> None:

@@ -118,7 +118,8 @@ def _revisions() -> tuple[str | None, frozenset[str]]:
 MIGRATION_LOCK = 1_835_624_306  # 0x6d696772, "migr"
 FIND_MIGRATOR = (
     "SELECT pid, state, query FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks"
-    " WHERE locktype = 'advisory' AND objid = 1835624306)"
+    " WHERE locktype = 'advisory' AND objid = 1835624306"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
 )
 
 
