@@ -14,6 +14,7 @@ from alembic.util import CommandError
 from sqlalchemy import URL, Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from dblayer.engine import create_engine
 from dblayer.migrate import (
     FIND_MIGRATOR,
     MIGRATION_LOCK,
@@ -27,7 +28,6 @@ from dblayer.migrate import (
     upgrade_to_head,
     upgrade_with_lock,
 )
-from dblayer.engine import create_engine
 from dblayer.settings import Driver, get_settings
 from tests.databases import Databases
 from tests.paths import ROOT
