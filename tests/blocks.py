@@ -46,7 +46,7 @@ _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
 # What a reader's server may not offer (see the docstring).
-_NEEDS = {"password-auth", "tls", "pgbouncer", "replica"}
+_NEEDS = {"password-auth", "tls", "pgbouncer", "replica", "ipv6-localhost"}
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -105,6 +105,9 @@ class FenceSettings:
     starts: `DATABASE_URL` names it on the primary, `DATABASE_REPLICA_URL` on the replica, both as
     the superuser of this dedicated pair (so a block may pause the replica's WAL replay; the
     harness resumes it before the next block).
+    `needs="ipv6-localhost"` (no reason needed) runs the block only where `localhost` resolves to
+    both `::1` and `127.0.0.1` (`tests/localhost.py`), else skips it with one line
+    (REQUIRE_IPV6_LOCALHOST_TEST makes that a failure).
     """
 
     drivers: tuple[Driver, ...] = DRIVERS

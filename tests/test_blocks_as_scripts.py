@@ -31,6 +31,7 @@ from dblayer.settings import DRIVERS, Driver
 from tests.blocks import FenceSettings, lay_out_checkout, name, normalise
 from tests.browser import build
 from tests.databases import NO_PASSWORD_AUTH, Server
+from tests.localhost import require_ipv6_localhost
 from tests.paths import DOCS, ROOT
 from tests.test_docs import PYTHON_BLOCKS, _database
 
@@ -186,6 +187,8 @@ def test_block_as_a_script(
     server: Server = request.getfixturevalue("server")
     if "password-auth" in settings.needs and not server.enforces_passwords:
         pytest.skip(NO_PASSWORD_AUTH)
+    if "ipv6-localhost" in settings.needs:
+        require_ipv6_localhost()
     text = shown(site, block)
     environment, _ = _database(settings, driver, request, monkeypatch)
     directory = tmp_path / "checkout"

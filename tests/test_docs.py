@@ -37,6 +37,7 @@ from tests.blocks import (
     run_block,
 )
 from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.localhost import require_ipv6_localhost
 from tests.paths import DOCS, ROOT
 from tests.replica import ReplicaDatabases
 from tests.tls import TLSDatabases
@@ -82,6 +83,8 @@ def _settings(
     server: Server = request.getfixturevalue("server")
     if "password-auth" in settings.needs and not server.enforces_passwords:
         pytest.skip(NO_PASSWORD_AUTH)
+    if "ipv6-localhost" in settings.needs:
+        require_ipv6_localhost()
     return settings
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -21,6 +22,7 @@ from dblayer.engine import (
 )
 from dblayer.settings import Driver, SettingsError, get_settings
 from dblayer.testing import connect
+from tests.localhost import require_ipv6_localhost
 from tests.unavailable import unavailable, unavailable_error
 
 
@@ -142,6 +144,38 @@ async def test_refused_port(database_url: URL, caplog: pytest.LogCaptureFixture)
     message = await unavailable(database_url.set(port=1), caplog)
     assert message == "cannot connect to 127.0.0.1:1/" + str(database_url.database) + (
         ": connection refused; is the server running on that port?"
+    )
+
+
+async def test_refused_on_every_address_of_the_name(
+    database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`localhost` as ::1 and 127.0.0.1: asyncio tries both and raises one plain `OSError`
+    ("Multiple exceptions: [Errno 111] …", no errno of its own), psycopg lists every attempt."""
+    require_ipv6_localhost()
+    message = await unavailable(database_url.set(host="localhost", port=1), caplog)
+    assert message == "cannot connect to localhost:1/" + str(database_url.database) + (
+        ": connection refused; is the server running on that port?"
+    )
+
+
+def test_asyncios_multiple_refusals_are_a_refusal() -> None:
+    """The `OSError` asyncio raises when every address refused (as in the test above, which needs
+    a `localhost` with two addresses), and one where they failed differently."""
+    refused = OSError(
+        f"Multiple exceptions: [Errno {errno.ECONNREFUSED}] Connect call failed ('::1', 1, 0, 0),"
+        f" [Errno {errno.ECONNREFUSED}] Connect call failed ('127.0.0.1', 1)"
+    )
+    assert describe_failure(URL_WITH_SECRET, refused) == (
+        "cannot connect to db.internal:5432/shop: connection refused; is the server running on "
+        "that port?"
+    )
+    mixed = OSError(
+        f"Multiple exceptions: [Errno {errno.ENETUNREACH}] Connect call failed ('::1', 1, 0, 0),"
+        f" [Errno {errno.ECONNREFUSED}] Connect call failed ('127.0.0.1', 1)"
+    )
+    assert describe_failure(URL_WITH_SECRET, mixed).startswith(
+        "cannot connect to db.internal:5432/shop: OSError: Multiple exceptions: "
     )
 
 

@@ -7,8 +7,7 @@ output (`#>` lines, pytest-examples' printed strings, console output) of a block
 that runs, and every driver runs a block there (the message, or the other driver's equivalent in
 its tab). The index on `docs/errors.md` lists every section, and the message each row quotes
 first is in the checked output of the section it links to, on an errors page or in another
-chapter (a row marked "explained, not run" only in the section's prose). The messages issue 19
-asks for each head a section.
+chapter. The messages issue 19 asks for each head a section.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ _LINK = re.compile(r"\]\(([\w.-]+\.md)(?:#([\w-]+))?\)")
 _ROW = re.compile(r"^\| (.+?) \| (.+?) \| (.+?) \|$", re.M)
 _ANY_HEADING = re.compile(r"^(#{2,4}) (.+?)(?: \{ #([\w-]+) \})?$", re.M)
 _MAX_LINES = 450  # DESIGN.md: no page over ~450 rendered lines
-_NOT_RUN = "explained, not run"
 # Issue 19's list, as the issue words them (`…` stands for anything):
 _REQUIRED = (
     "greenlet_spawn has not been called",
@@ -58,10 +56,9 @@ _REQUIRED = (
     "canceling statement due to statement timeout",
     "could not serialize access",
     "deadlock detected",
+    "Multiple exceptions: [Errno 111]",
 )  # and asyncpg's DataError for a naive datetime into timestamptz, which is no message: neither
 # driver raises; errors-data.md#asyncpg-datetime-dataerror runs the silent shift instead.
-# Only where the host name has several addresses, which this machine's `localhost` has not:
-_REQUIRED_NOT_RUN = ("Multiple exceptions: [Errno 111]",)
 
 
 @dataclass(frozen=True)
@@ -204,13 +201,12 @@ def _plain(title: str) -> str:
 
 def index_problems(docs: Path = DOCS) -> list[str]:
     """The index on errors.md: every section listed; the message a row quotes first is in the
-    checked output of a block of the section it links to (an errors page's or another chapter's),
-    or, in a row marked "explained, not run", in that section's prose."""
+    checked output of a block of the section it links to (an errors page's or another chapter's)."""
     by_link = {section.where: section for section in sections(docs)}
     index = (docs / "errors.md").read_text("utf-8")
     listed = set()
     problems = []
-    for message_cell, driver_cell, where_cell in _ROW.findall(index):
+    for message_cell, _driver_cell, where_cell in _ROW.findall(index):
         quoted = _CODE.findall(message_cell)
         for page, anchor in _LINK.findall(where_cell):
             link = f"{page}#{anchor}"
@@ -223,9 +219,6 @@ def index_problems(docs: Path = DOCS) -> list[str]:
                 problems.append(f"errors.md: {link} is no section")
             elif not quoted:
                 problems.append(f"errors.md: the row for {link} quotes no message")
-            elif _NOT_RUN in driver_cell:
-                if not shows(quoted[0], _FENCE.sub("", section.text)):
-                    problems.append(f"errors.md: {link} never explains {quoted[0]!r}")
             elif not any(shows(quoted[0], block.output) for block in section.blocks()):
                 problems.append(f"errors.md: {link} shows {quoted[0]!r} in no block's output")
     problems += [f"errors.md does not list {link}" for link in sorted(set(by_link) - listed)]
@@ -233,20 +226,11 @@ def index_problems(docs: Path = DOCS) -> list[str]:
 
 
 def required_problems(docs: Path = DOCS) -> list[str]:
-    """Issue 19's messages: each heads a section (its heading quotes it), or the index marks it
-    "explained, not run"."""
+    """Issue 19's messages: each heads a section (its heading quotes it)."""
     headings = "\n".join(message for section in sections(docs) for message in section.messages)
-    index = (docs / "errors.md").read_text("utf-8")
-    not_run = "\n".join(row for row in index.splitlines() if _NOT_RUN in row)
-    problems = [
+    return [
         f"no heading quotes {message!r}" for message in _REQUIRED if not shows(message, headings)
     ]
-    problems += [
-        f"no row explains {message!r}"
-        for message in _REQUIRED_NOT_RUN
-        if not shows(message, not_run)
-    ]
-    return problems
 
 
 def test_every_section_shows_its_message() -> None:
@@ -304,8 +288,6 @@ def test_the_checks_catch_planted_faults(tmp_path: Path) -> None:
     )
     # A row linking to another chapter's section that does not show its message:
     plant(index, "| `Session is already flushing` |", "| `Session is already closed` |")
-    # A message not run, and its row no longer saying so:
-    plant(index, "asyncpg (explained, not run)", "asyncpg")
     problems = [p for section in sections(docs) for p in section_problems(section)]
     assert problems == [
         "errors-async.md#event-loop-closed: no block's checked output shows 'Event loop is open'",
@@ -317,8 +299,6 @@ def test_the_checks_catch_planted_faults(tmp_path: Path) -> None:
     assert index_problems(docs) == [
         "errors.md: sessions.md#one-session-per-task shows 'Session is already closed'"
         " in no block's output",
-        "errors.md: errors-connections.md#connect-call-failed shows"
-        " 'Multiple exceptions: [Errno 111] Connect call failed' in no block's output",
         "errors.md: errors-data.md#relation-does-not-exist shows 'relation … is missing'"
         " in no block's output",
         "errors.md: errors-concurrency.md#statement-timeout shows"
@@ -329,7 +309,6 @@ def test_the_checks_catch_planted_faults(tmp_path: Path) -> None:
     ]
     assert required_problems(docs) == [
         "no heading quotes 'Event loop is closed'",
-        "no row explains 'Multiple exceptions: [Errno 111]'",
     ]
 
 

@@ -55,6 +55,8 @@ def test_the_workflow_tests_every_major_then_builds_and_publishes_main_only() ->
     runs = [step.get("run") for step in test["steps"] if "run" in step]
     assert runs[-1] == "make test"
     assert any("apt-get install" in run and "pgbouncer" in run for run in runs[:-1])
+    assert test["env"]["REQUIRE_IPV6_LOCALHOST_TEST"]  # tests/localhost.py: never skipped
+    assert any("::1 localhost" in run and "/etc/hosts" in run for run in runs[:-1])
     upload = next(s for s in test["steps"] if s.get("with", {}).get("path") == ".cache/verified/")
     assert upload["uses"].startswith("actions/upload-artifact@")
     assert upload["with"]["name"] == "verified-pg${{ matrix.pg }}"

@@ -9,6 +9,7 @@ words for asyncpg and psycopg, and never the password.
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import ssl
 from pathlib import Path
@@ -230,11 +231,27 @@ def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
         sqlstate is None and "timeout" in lowered  # not a server's refusal naming a timeout
     ):
         return "timed out; is the host reachable and the port open?", True
-    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in lowered:
+    if (
+        any(isinstance(e, ConnectionRefusedError) for e in chain)
+        or "refused" in lowered
+        or _refused_on_every_address(message)
+    ):
         return "connection refused; is the server running on that port?", True
     if isinstance(exc, InterfaceError | DBAPIError):
         return _first_line(message, url), True
     return _first_line(f"{type(original).__name__}: {original}", url), True
+
+
+def _refused_on_every_address(message: str) -> bool:
+    """asyncio's `OSError` for a host name with several addresses (`localhost` as ::1 and
+    127.0.0.1) where each refused: "Multiple exceptions: [Errno 111] Connect call failed …, …",
+    a plain `OSError` with no errno of its own."""
+    errnos = re.findall(r"\[Errno (\d+)\]", message)
+    return (
+        "Multiple exceptions: " in message
+        and bool(errnos)
+        and all(int(number) == errno.ECONNREFUSED for number in errnos)
+    )
 
 
 # Refused for good: authorization (class 28), no privilege, no such database, a bad setting.
