@@ -154,16 +154,16 @@ def source(docs: Path, url: str) -> Path:
     return found
 
 
-class _TaglessLoader(yaml.SafeLoader):
+class TaglessLoader(yaml.SafeLoader):
     """mkdocs.yml without its tags (`!ENV`, `!!python/name:`): only the nav is read."""
 
 
-_TaglessLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+TaglessLoader.add_multi_constructor("", lambda loader, suffix, node: None)
 
 
 def chapters(mkdocs_yml: Path) -> dict[str, str]:
     """The nav's pages, in order: url -> title."""
-    nav = yaml.load(mkdocs_yml.read_text("utf-8"), _TaglessLoader)["nav"]  # noqa: S506
+    nav = yaml.load(mkdocs_yml.read_text("utf-8"), TaglessLoader)["nav"]  # noqa: S506
     found: dict[str, str] = {}
 
     def walk(items: list[Any]) -> None:

@@ -9,11 +9,15 @@ needs set-up, the harness does it, or the page says in a sentence what the reade
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 from pytest_examples import CodeExample
 
 from tests.blocks import python_blocks
+from tests.browser import TaglessLoader
+from tests.paths import ROOT
 
 # What a reader's program does not do, each with what to do instead.
 PATTERNS: dict[str, tuple[re.Pattern[str], str]] = {
@@ -116,3 +120,38 @@ def test_the_scan_leaves_a_readers_program_alone() -> None:
         'await conn.execute(text("DELETE FROM tasks WHERE id = :id"), {"id": 1})\n'
     )
     assert [what for what, (p, _) in PATTERNS.items() if p.search(program)] == []
+
+
+# The package's wrappers, and the plain SQLAlchemy call that shows what one stands for.
+_WRAPPERS = re.compile(r"^\s*from dblayer\.(?:engine|session) import", re.M)
+_PLAIN = re.compile(r"\bcreate_async_engine\(")
+
+
+def nav_groups(mkdocs_yml: Path = ROOT / "mkdocs.yml") -> dict[str, list[str]]:
+    """The nav's chapters that hold several pages: title -> page files."""
+    nav = yaml.load(mkdocs_yml.read_text("utf-8"), TaglessLoader)["nav"]  # noqa: S506
+    groups: dict[str, list[str]] = {}
+    for item in nav:
+        (title, target), *_ = item.items() if isinstance(item, dict) else [(None, item)]
+        if isinstance(target, list):
+            groups[str(title)] = [next(iter(page.values())) for page in target]
+    return groups
+
+
+def test_every_chapter_shows_the_plain_sqlalchemy_call_once() -> None:
+    """Issue 19: where a chapter's blocks call `dblayer`'s engine or session wrappers, one of
+    its blocks makes the engine with `create_async_engine` (and says what the wrapper adds), so a
+    reader who does not take the package still has working code, checked like the rest."""
+    blocks, _ = python_blocks()
+    by_page: dict[str, list[str]] = {}
+    for block in blocks:
+        by_page.setdefault(block.path.name, []).append(block.source)
+    groups = nav_groups()
+    assert "PostgreSQL features" in groups, "the nav parser found no chapters: is it broken?"
+    missing = [
+        title
+        for title, pages in groups.items()
+        if any(_WRAPPERS.search(source) for page in pages for source in by_page.get(page, []))
+        and not any(_PLAIN.search(source) for page in pages for source in by_page.get(page, []))
+    ]
+    assert missing == []

@@ -22,7 +22,7 @@ from tests.browser import (
     MERMAID_JS,
     PALETTES,
     BuildError,
-    _TaglessLoader,
+    TaglessLoader,
     build,
     chapters,
     check_site,
@@ -303,7 +303,7 @@ NOT_YET_SPLIT: dict[str, str] = {}
 
 def rendered_lines(page: Path) -> int:
     """The page's markdown with its includes expanded, as mkdocs.yml's pymdownx.snippets does."""
-    config = yaml.load((ROOT / "mkdocs.yml").read_text("utf-8"), _TaglessLoader)  # noqa: S506
+    config = yaml.load((ROOT / "mkdocs.yml").read_text("utf-8"), TaglessLoader)  # noqa: S506
     snippets = next(
         e["pymdownx.snippets"]
         for e in config["markdown_extensions"]
