@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from functools import cache
 from pathlib import Path
 
 import libcst as cst
@@ -89,6 +90,11 @@ def include(template: str) -> str:
 def drop(source: str, names: Collection[str]) -> str:
     """`source` without the top-level statements defining `names`, nor the imports only they
     used; an `if TYPE_CHECKING:` block left with no import goes too."""
+    return _drop(source, tuple(sorted(names)))
+
+
+@cache  # libcst is slow: a process that scaffolds several times (the tests) parses each once
+def _drop(source: str, names: tuple[str, ...]) -> str:
     tree = cst.parse_module(source)
     if names:
         tree = tree.with_changes(body=[s for s in tree.body if not _defined_names(s) & set(names)])
@@ -235,6 +241,11 @@ class _RenameStrings(cst.CSTTransformer):
 def rename(source: str, package: str, modules: Collection[str]) -> str:
     """`source` with `dblayer` as `package`: imports, references, and strings naming `modules`
     (dotted paths below the package, like `migrate` or `api.deps`)."""
+    return _rename(source, package, tuple(sorted(modules)))
+
+
+@cache
+def _rename(source: str, package: str, modules: tuple[str, ...]) -> str:
     tree = cst.parse_module(source).visit(_RenamePackage(package))
     return tree.visit(_RenameStrings(package, modules)).code
 
@@ -298,6 +309,11 @@ class _DropMembers(cst.CSTTransformer):
 def drop_members(source: str, names: Collection[str]) -> str:
     """`source` without the class members and keyword arguments named `names` (see
     `_DropMembers`), nor the imports only they used."""
+    return _drop_members(source, tuple(sorted(names)))
+
+
+@cache
+def _drop_members(source: str, names: tuple[str, ...]) -> str:
     return drop(cst.parse_module(source).visit(_DropMembers(names)).code, ())
 
 
