@@ -28,7 +28,6 @@ import difflib
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Literal
 
 import pytest
 from pytest_examples import CodeExample, EvalExample, find_examples
+from ruff.__main__ import find_ruff_bin
 
 from dblayer.settings import DRIVERS, Driver
 from tests.paths import DOCS, ROOT
@@ -441,7 +441,7 @@ def ruff_format(example: CodeExample, eval_example: EvalExample, update: bool) -
     """`ruff format` the block; `#>` lines are protected as pytest-examples does for black."""
     protected = re.sub(r"^( *#)> ", r"\1 > ", example.source, flags=re.M)
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--line-length=100", "-"],
+        [find_ruff_bin(), "format", "--line-length=100", "-"],  # not `python -m`: 25 ms less
         input=protected,
         capture_output=True,
         text=True,
