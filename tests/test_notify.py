@@ -28,7 +28,8 @@ from tests.apps import free_port
 from tests.paths import ROOT
 from tests.proxy import proxy
 
-pytestmark = [pytest.mark.both_drivers, pytest.mark.timeout(60)]
+# The drivers' own paths (notify_drivers.py) are the tests marked both_drivers.
+pytestmark = [pytest.mark.timeout(60)]
 
 Maker = async_sessionmaker[AsyncSession]
 ROUNDS = 25
@@ -184,6 +185,7 @@ async def test_nothing_lost_from_concurrent_senders(
     assert await listener.nothing_within(0.1)
 
 
+@pytest.mark.both_drivers  # each driver's own path in notify_drivers.py
 async def test_listens_again_after_its_connection_is_terminated(
     sessionmaker: Maker,
     listener: Listener,
@@ -322,6 +324,7 @@ async def test_a_server_that_vanishes_without_a_word_is_noticed(
             await listener.stop()
 
 
+@pytest.mark.both_drivers  # each driver's own path in notify_drivers.py
 async def test_a_quiet_listener_checks_its_connection_and_stays(
     database_url: URL, sessionmaker: Maker
 ) -> None:
@@ -360,6 +363,7 @@ async def test_behind_pgbouncer_it_refuses_the_poolers_url(
         await listener.stop()
 
 
+@pytest.mark.both_drivers  # each driver's own path in notify_drivers.py
 async def test_a_slow_reader_holds_a_bounded_number(
     database_url: URL, sessionmaker: Maker, caplog: pytest.LogCaptureFixture, driver: str
 ) -> None:
