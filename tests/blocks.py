@@ -36,7 +36,7 @@ from typing import Literal
 
 import pytest
 from pytest_examples import CodeExample, EvalExample, find_examples
-from ruff.__main__ import find_ruff_bin
+from ruff.__main__ import find_ruff_bin  # type: ignore[import-untyped]
 
 from dblayer.settings import DRIVERS, Driver
 from tests.paths import DOCS, ROOT
