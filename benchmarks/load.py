@@ -37,7 +37,7 @@ import psycopg
 from sqlalchemy import URL
 
 from benchmarks.recording import record
-from dblayer.embedded import _free_port
+from dblayer.embedded import free_port
 from dblayer.pgbouncer import NOT_INSTALLED, PgBouncer, PgBouncerError, find_pgbouncer, for_server
 from dblayer.settings import get_settings
 
@@ -119,7 +119,7 @@ async def drive(base: str, clients: int, requests: int) -> Point:
 @contextlib.contextmanager
 def served(env: dict[str, str]) -> Iterator[str]:
     """The app in its own uvicorn process (one worker) with `env`; its base URL once ready."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(  # noqa: S603 - this Python, uvicorn
         [
             sys.executable,

@@ -3,7 +3,6 @@ httpx client, a user made through it, and a free port to serve it on over real H
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,10 +33,3 @@ async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, An
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

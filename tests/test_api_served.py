@@ -24,11 +24,10 @@ from sqlalchemy import URL, make_url
 
 from dblayer.api import __main__ as serve
 from dblayer.api import create_app
-from dblayer.embedded import find_binaries
+from dblayer.embedded import find_binaries, free_port
 from dblayer.migrate import head_revision
 from dblayer.settings import get_settings
 from dblayer.testing import connect
-from tests.apps import free_port
 from tests.databases import Databases
 
 

@@ -18,10 +18,10 @@ from sqlalchemy import URL
 
 from dblayer import prestart
 from dblayer.api import create_app
-from dblayer.embedded import EmbeddedPostgres
+from dblayer.embedded import EmbeddedPostgres, free_port
 from dblayer.settings import Driver
 from dblayer.testing import connect
-from tests.apps import free_port, settings_for
+from tests.apps import settings_for
 from tests.databases import Server
 from tests.pgbouncer import serve_pgbouncer
 

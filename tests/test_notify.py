@@ -19,12 +19,12 @@ from packaging.requirements import Requirement
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from dblayer.embedded import free_port
 from dblayer.engine import DatabaseUnavailableError, create_engine
 from dblayer.notify import Notification, listen, notify
 from dblayer.pgbouncer import PgBouncer
 from dblayer.session import create_sessionmaker, session_scope
 from dblayer.settings import Settings, SettingsError, get_settings
-from tests.apps import free_port
 from tests.paths import ROOT
 from tests.proxy import proxy
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool
 
 from dblayer import prestart
-from dblayer.embedded import EmbeddedPostgres, find_binaries
+from dblayer.embedded import EmbeddedPostgres, find_binaries, free_port
 from dblayer.engine import DatabaseUnavailableError, create_engine
 from dblayer.migrate import head_revision
 from dblayer.repositories import TaskRepository
@@ -24,7 +24,6 @@ from dblayer.services import UserService
 from dblayer.session import session_scope
 from dblayer.settings import Driver, get_settings
 from dblayer.testing import connect
-from tests.apps import free_port
 from tests.databases import Databases
 
 

@@ -60,7 +60,8 @@ def default_base_dir() -> Path | None:
     return shm if usage.free >= 512 * 2**20 and os.access(shm, os.W_OK) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -125,7 +126,7 @@ class EmbeddedPostgres:
         }
         # token_urlsafe has no URL-special characters; the suffix adds the hard ones on purpose.
         self.password = password or f"{secrets.token_urlsafe(12)}@:/%#?"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._dir: Path | None = None
         # The account the server's programs run as (see default_server_user): it owns the files.
         self.run_as = pwd.getpwnam(run_as or default_server_user())

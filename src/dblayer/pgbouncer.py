@@ -38,7 +38,7 @@ from types import TracebackType
 import psycopg
 from sqlalchemy import URL, make_url
 
-from dblayer.embedded import _free_port, default_server_user
+from dblayer.embedded import default_server_user, free_port
 
 __all__ = ["PgBouncer", "PgBouncerError", "find_pgbouncer", "scram_secrets"]
 
@@ -114,7 +114,7 @@ class PgBouncer:
         self.users = dict(users or {})
         self.auth_type = auth_type
         self.pool_mode = pool_mode
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.settings = dict(settings or {})  # more `[pgbouncer]` settings, e.g. pool sizes
         self.run_as = run_as or default_server_user()
         # Linux: the kernel sends PgBouncer SIGTERM when the thread that started it ends, even
