@@ -159,23 +159,50 @@ async def test_refused_on_every_address_of_the_name(
     )
 
 
-def test_asyncios_multiple_refusals_are_a_refusal() -> None:
-    """The `OSError` asyncio raises when every address refused (as in the test above, which needs
-    a `localhost` with two addresses), and one where they failed differently."""
-    refused = OSError(
-        f"Multiple exceptions: [Errno {errno.ECONNREFUSED}] Connect call failed ('::1', 1, 0, 0),"
-        f" [Errno {errno.ECONNREFUSED}] Connect call failed ('127.0.0.1', 1)"
+def _multiple(*errnos: int) -> OSError:
+    """The `OSError` asyncio raises when every address of the name failed."""
+    addresses = ["('::1', 1, 0, 0)", "('127.0.0.1', 1)"]
+    return OSError(
+        "Multiple exceptions: "
+        + ", ".join(
+            f"[Errno {number}] Connect call failed {address}"
+            for number, address in zip(errnos, addresses, strict=True)
+        )
     )
-    assert describe_failure(URL_WITH_SECRET, refused) == (
-        "cannot connect to db.internal:5432/shop: connection refused; is the server running on "
-        "that port?"
-    )
-    mixed = OSError(
-        f"Multiple exceptions: [Errno {errno.ENETUNREACH}] Connect call failed ('::1', 1, 0, 0),"
-        f" [Errno {errno.ECONNREFUSED}] Connect call failed ('127.0.0.1', 1)"
-    )
-    assert describe_failure(URL_WITH_SECRET, mixed).startswith(
-        "cannot connect to db.internal:5432/shop: OSError: Multiple exceptions: "
+
+
+REFUSED = (
+    "cannot connect to db.internal:5432/shop: connection refused; is the server running on "
+    "that port?"
+)
+
+
+@pytest.mark.parametrize(
+    "errnos",
+    [
+        (errno.ECONNREFUSED, errno.ECONNREFUSED),  # as the test above, on a two-address localhost
+        (errno.EADDRNOTAVAIL, errno.ECONNREFUSED),  # ::1 listed, IPv6 off: 127.0.0.1 refused
+        (errno.ENETUNREACH, errno.ECONNREFUSED),
+    ],
+)
+def test_asyncios_multiple_refusals_are_a_refusal(errnos: tuple[int, int]) -> None:
+    assert describe_failure(URL_WITH_SECRET, _multiple(*errnos)) == REFUSED
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _multiple(errno.ETIMEDOUT, errno.ECONNREFUSED),  # one address did not answer at all
+        _multiple(errno.ENETUNREACH, errno.EADDRNOTAVAIL),  # none refused: no server to start
+        OSError(  # an attempt without an errno: not known to be a refusal
+            f"Multiple exceptions: [Errno {errno.ECONNREFUSED}] Connect call failed ('::1', 1),"
+            " Connect call failed ('127.0.0.1', 1)"
+        ),
+    ],
+)
+def test_other_multiple_exceptions_are_said_as_they_are(error: OSError) -> None:
+    assert describe_failure(URL_WITH_SECRET, error) == (
+        f"cannot connect to db.internal:5432/shop: OSError: {error}"
     )
 
 

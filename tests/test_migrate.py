@@ -34,7 +34,8 @@ from tests.paths import ROOT
 
 # The migration lock held in this test's database (parallel tests migrate their own databases).
 HELD = (
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key"
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+    " AND classid = 0 AND objid = :key AND objsubid = 1"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
 

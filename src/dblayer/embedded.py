@@ -37,7 +37,14 @@ from dblayer.binaries import (
     find_binaries,
 )
 
-__all__ = ["AUTH_METHODS", "Binaries", "EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
+__all__ = [
+    "AUTH_METHODS",
+    "Binaries",
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "find_binaries",
+    "free_port",
+]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 Auth = Literal["scram-sha-256", "trust"]

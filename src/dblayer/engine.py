@@ -244,14 +244,27 @@ def _cause(url: URL, exc: BaseException) -> tuple[str, bool]:
 
 def _refused_on_every_address(message: str) -> bool:
     """asyncio's `OSError` for a host name with several addresses (`localhost` as ::1 and
-    127.0.0.1) where each refused: "Multiple exceptions: [Errno 111] Connect call failed …, …",
-    a plain `OSError` with no errno of its own."""
-    errnos = re.findall(r"\[Errno (\d+)\]", message)
+    127.0.0.1): "Multiple exceptions: [Errno 111] Connect call failed …, …", a plain `OSError`
+    with no errno of its own. A refusal when some address refused and every other one cannot be
+    used here at all (IPv6 off: no such address, network or family), so that the refusal is
+    what there is to fix; anything else (a timeout, an unreachable host) is said as it is."""
+    if "Multiple exceptions: " not in message:
+        return False
+    attempts = message.count("Connect call failed")
+    errnos = [int(number) for number in re.findall(r"\[Errno (\d+)\]", message)]
     return (
-        "Multiple exceptions: " in message
-        and bool(errnos)
-        and all(int(number) == errno.ECONNREFUSED for number in errnos)
+        len(errnos) == attempts
+        and errno.ECONNREFUSED in errnos
+        and all(number in _REFUSED_OR_UNUSABLE for number in errnos)
     )
+
+
+_REFUSED_OR_UNUSABLE = {
+    errno.ECONNREFUSED,
+    errno.EADDRNOTAVAIL,
+    errno.ENETUNREACH,
+    errno.EAFNOSUPPORT,
+}
 
 
 # Refused for good: authorization (class 28), no privilege, no such database, a bad setting.

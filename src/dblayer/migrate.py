@@ -114,11 +114,12 @@ def _revisions() -> tuple[str | None, frozenset[str]]:
 # --8<-- [start:lock]
 # The advisory lock every release takes around its upgrade: one fixed key, the same in every
 # release, used for nothing else. Advisory locks are per database, so databases on one server
-# do not wait for each other. It fits in 32 bits, so pg_locks shows it as `objid`.
+# do not wait for each other. Taken as one bigint that fits in 32 bits, pg_locks shows it as
+# `objid` with `classid` 0 and `objsubid` 1 (two int4 keys would show `objsubid` 2).
 MIGRATION_LOCK = 1_835_624_306  # 0x6d696772, "migr"
 FIND_MIGRATOR = (
     "SELECT pid, state, query FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks"
-    " WHERE locktype = 'advisory' AND objid = 1835624306"
+    " WHERE locktype = 'advisory' AND classid = 0 AND objid = 1835624306 AND objsubid = 1"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
 )
 
