@@ -637,8 +637,7 @@ def answer() -> int:
 """
 
 
-@pytest.mark.both_drivers
-@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("driver", DRIVERS)  # the quick loop: one of them; FULL=1 runs both
 def test_the_emitted_project_passes_its_own_checks(
     tmp_path: Path,
     driver: Driver,
