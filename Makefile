@@ -102,13 +102,16 @@ app: $(STAMP)
 # in the complete runs (FULL=1: .ci/run, the workflow) and with `make test COV=1`.
 # xdist workers: one more than the cores, since many tests wait on the server or a subprocess
 # (pytest in the quick loop, without coverage, on this project's 2-core machine: 126 s with 2
-# workers, 106 s with 3, 110 s with 4; with coverage and 3 workers, 144 s).
+# workers, 106 s with 3, 110 s with 4; with coverage and 3 workers, 144 s). Bytecode is written
+# even where PYTHONDONTWRITEBYTECODE is set (these machines set it): otherwise every pytest
+# process rewrites the asserts of its plugins' modules again (2 s each; __pycache__ is ignored).
 SLOW ?=
 FULL ?=
 COV ?= $(FULL)
 WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)' 2>/dev/null || echo 3)
 test: $(if $(REPEAT),$(STAMP),lint) $(MERMAID_JS)
-	$(BIN)/python -m pytest -n $(WORKERS) $(if $(COV),--cov --cov-report=term-missing) \
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -n $(WORKERS) \
+		$(if $(COV),--cov --cov-report=term-missing) \
 		$(if $(REPEAT),--ignore=tests/test_site.py) $(if $(SLOW),,-m "not slow") \
 		$(if $(FULL),,--one-driver-each) $(PYTEST_ARGS)
 	$(if $(REPEAT),,@$(MAKE) --no-print-directory site)
