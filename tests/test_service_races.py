@@ -116,7 +116,8 @@ async def _wait_for_a_lock_wait(sessionmaker: async_sessionmaker[AsyncSession]) 
             query = await session.scalar(
                 text(
                     "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND state = 'active' AND datname = current_database()"
+                    " AND pid <> pg_backend_pid()"
                 )
             )
         if query is not None:
