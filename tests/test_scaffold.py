@@ -109,7 +109,7 @@ def test_a_project_keeps_its_files_and_gets_only_the_missing_keys(
     assert text.count("POSTGRES_HOST=") == 1
     assert "DATABASE_URL=postgresql://postgres" not in text  # commented out counts as there
     assert "DATABASE_DRIVER=psycopg\n" in text
-    appended = out[out.index("appended .env.example (12 keys):") : out.index("next steps")]
+    appended = out[out.index("appended .env.example (13 keys):") : out.index("next steps")]
     assert "POSTGRES_PORT" in appended
     assert "POSTGRES_HOST" not in appended
     assert " DATABASE_URL" not in appended
@@ -251,8 +251,8 @@ def test_the_files_the_code_needs_warn_when_they_are_the_readers(
     assert notes == [
         "warning: src/shop/models/__init__.py is yours and lacks Item, which src/shop/api/app.py, "
         "src/shop/prestart.py, tests/test_items.py import",
-        "warning: src/shop/settings.py is yours and lacks Driver, SettingsError, which "
-        "src/shop/engine.py, src/shop/prestart.py, src/shop/testing.py import",
+        "warning: src/shop/settings.py is yours and lacks Driver, SERVER_SETTINGS, SettingsError, "
+        "which src/shop/engine.py, src/shop/prestart.py, src/shop/testing.py import",
         'warning: tests/conftest.py is yours; add  pytest_plugins = ["shop.testing"]  '
         "(the fixtures session, engine, client come from it)",
         "warning: alembic.ini is yours; its script_location is migrations, but python -m "

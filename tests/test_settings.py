@@ -301,6 +301,13 @@ def test_migrations_run_without_the_apps_timeouts() -> None:
     assert settings.db_statement_timeout == 0.001  # the app's own are kept
 
 
+def test_migrations_keep_the_check_that_the_client_is_still_there() -> None:
+    """It stops nothing a live client runs: only a statement whose client is gone (a deploy
+    killed mid-migration would otherwise leave its ALTER running, its lock held)."""
+    settings = get_settings(db_client_connection_check_interval=1)
+    assert settings.for_migrations().db_client_connection_check_interval == 1
+
+
 VERIFIED = "postgresql://shop_app:hunter2@db/shop?sslmode=verify-full&sslrootcert=/ca.crt"
 
 
@@ -335,16 +342,26 @@ def test_a_bad_migration_url_hint_names_its_own_variable() -> None:
     )
 
 
-@pytest.mark.parametrize("timeout", ["db_statement_timeout", "db_lock_timeout"])
-def test_external_pooler_refuses_the_timeouts_sent_at_connect(timeout: str) -> None:
+@pytest.mark.parametrize(
+    ("timeout", "server_name"),
+    [
+        ("db_statement_timeout", "statement_timeout"),
+        ("db_lock_timeout", "lock_timeout"),
+        ("db_idle_in_transaction_timeout", "idle_in_transaction_session_timeout"),
+        ("db_client_connection_check_interval", "client_connection_check_interval"),
+    ],
+)
+def test_external_pooler_refuses_the_settings_sent_at_connect(
+    timeout: str, server_name: str
+) -> None:
     """PgBouncer refuses them as startup parameters ("unsupported startup parameter"), and with
-    `ignore_startup_parameters` it would drop them silently: said once, at start, in one line."""
+    `ignore_startup_parameters` it would drop them silently: said once, at start, in one line,
+    with the server setting to use instead."""
     with pytest.raises(SettingsError) as caught:
         get_settings(database_url="postgresql://u:p@h/db", db_external_pooler=True, **{timeout: 5})
     assert str(caught.value) == (
         f"DB_EXTERNAL_POOLER: PgBouncer refuses {timeout.upper()} (sent as a startup parameter); "
-        "set it on the server instead: ALTER ROLE … SET statement_timeout (or lock_timeout, "
-        "idle_in_transaction_session_timeout)"
+        f"set it on the server instead: ALTER ROLE … SET {server_name}"
     )
     assert get_settings(db_external_pooler=True).db_external_pooler
     assert get_settings(**{timeout: 5}).for_migrations().db_external_pooler is False

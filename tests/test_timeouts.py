@@ -18,7 +18,7 @@ from dblayer.api import create_app
 from dblayer.api.deps import SessionDep
 from dblayer.engine import connect_args, create_engine
 from dblayer.session import create_sessionmaker, session_scope
-from dblayer.settings import SettingsError, get_settings
+from dblayer.settings import APP_TIMEOUTS, SettingsError, get_settings
 from tests.apps import client_for, settings_for
 from tests.paths import ROOT
 
@@ -40,12 +40,16 @@ async def test_a_slow_statement_is_cancelled_and_the_pool_goes_on(database_url: 
 
 def test_each_setting_reaches_the_server_in_milliseconds_under_either_driver() -> None:
     settings = get_settings(
-        db_statement_timeout=30, db_idle_in_transaction_timeout=60, db_lock_timeout=0.5
+        db_statement_timeout=30,
+        db_idle_in_transaction_timeout=60,
+        db_lock_timeout=0.5,
+        db_client_connection_check_interval=0.25,
     )
     expected = {
         "statement_timeout": "30000",
         "idle_in_transaction_session_timeout": "60000",
         "lock_timeout": "500",
+        "client_connection_check_interval": "250",
     }
     assert connect_args(settings)["server_settings"] == expected
     options = connect_args(settings.model_copy(update={"database_driver": "psycopg"}))["options"]
@@ -74,9 +78,7 @@ def test_without_the_setting_the_server_s_own_applies() -> None:
 
 
 @pytest.mark.parametrize("value", [0, -1, "soon"])
-@pytest.mark.parametrize(
-    "name", ["db_statement_timeout", "db_idle_in_transaction_timeout", "db_lock_timeout"]
-)
+@pytest.mark.parametrize("name", [*APP_TIMEOUTS, "db_client_connection_check_interval"])
 def test_a_timeout_that_is_not_one_is_one_line(name: str, value: Any) -> None:
     with pytest.raises(SettingsError, match=rf"^{name.upper()}: [^\n]+$"):
         get_settings(**{name: value})
@@ -225,9 +227,7 @@ async def test_a_request_whose_transaction_sat_idle_too_long_is_503_and_the_next
         ("nan", "Input should be a finite number"),
     ],
 )
-@pytest.mark.parametrize(
-    "name", ["db_statement_timeout", "db_idle_in_transaction_timeout", "db_lock_timeout"]
-)
+@pytest.mark.parametrize("name", [*APP_TIMEOUTS, "db_client_connection_check_interval"])
 def test_a_timeout_beyond_what_the_server_takes_is_one_line(
     name: str, value: Any, message: str
 ) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from dblayer.settings import Settings, SettingsError, get_settings
+from dblayer.settings import SERVER_SETTINGS, Settings, SettingsError, get_settings
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -47,11 +47,8 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     # SQLSTATE and the connection is kept. (asyncpg's own command_timeout raises a bare
     # TimeoutError, with no SQLSTATE, and SQLAlchemy discards the connection.)
     server = {}
-    for name, seconds in (
-        ("statement_timeout", settings.db_statement_timeout),
-        ("idle_in_transaction_session_timeout", settings.db_idle_in_transaction_timeout),
-        ("lock_timeout", settings.db_lock_timeout),
-    ):
+    for name, field in SERVER_SETTINGS.items():  # statement_timeout: db_statement_timeout, …
+        seconds = getattr(settings, field)
         if seconds is not None:  # milliseconds, the unit PostgreSQL reads a bare number in
             server[name] = f"{max(1, round(seconds * 1000))}"
     # asyncpg: connect_args["server_settings"] = server; psycopg: "-c name=value" in "options"

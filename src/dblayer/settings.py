@@ -50,6 +50,14 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a wait on our si
 Timeout = Annotated[float, Field(gt=0, le=2147483.647, allow_inf_nan=False)]
 # The app's timeouts, which migrations run without (see `Settings.for_migrations`).
 APP_TIMEOUTS = ("db_statement_timeout", "db_lock_timeout", "db_idle_in_transaction_timeout")
+# The PostgreSQL setting each of them sets on every connection (in `dblayer.engine`), and one that
+# migrations keep: the server's check that the client is still there while a statement runs.
+SERVER_SETTINGS = {
+    "statement_timeout": "db_statement_timeout",
+    "idle_in_transaction_session_timeout": "db_idle_in_transaction_timeout",
+    "lock_timeout": "db_lock_timeout",
+    "client_connection_check_interval": "db_client_connection_check_interval",
+}
 
 
 class Settings(BaseSettings):
@@ -91,6 +99,10 @@ class Settings(BaseSettings):
     # Seconds a statement may wait for a lock (behind a migration's DDL) before the server
     # cancels it (SQLSTATE 55P03; the API answers 503). Unset: the server's own lock_timeout.
     db_lock_timeout: Timeout | None = None
+    # Seconds between the server's checks, while a statement runs, that the client is still
+    # connected (PostgreSQL 14+, Linux servers). A client gone mid-statement (a task cancelled by
+    # anyio, a killed process) otherwise leaves the statement running, locks held, to its end.
+    db_client_connection_check_interval: Timeout | None = None
     # TLS in libpq's words; DATABASE_URL's own ?sslmode=... wins, as over PGSSLMODE in libpq.
     db_sslmode: SSLMode | None = None  # unset: the drivers' default, prefer
     db_sslrootcert: str | None = None  # the CA file that verify-ca and verify-full check against
@@ -128,12 +140,12 @@ class Settings(BaseSettings):
     def _no_startup_timeouts(cls, value: bool, info: ValidationInfo) -> bool:
         # PgBouncer answers "unsupported startup parameter" to the timeouts `connect_args` sends,
         # and with `ignore_startup_parameters` would drop them silently (docs/scaling-pgbouncer.md).
-        given = [name for name in APP_TIMEOUTS if info.data.get(name) is not None]
+        given = [(n, f) for n, f in SERVER_SETTINGS.items() if info.data.get(f) is not None]
         if value and given:
+            name, field = given[0]
             raise ValueError(
-                f"PgBouncer refuses {given[0].upper()} (sent as a startup parameter); set it on "
-                "the server instead: ALTER ROLE … SET statement_timeout (or lock_timeout, "
-                "idle_in_transaction_session_timeout)"
+                f"PgBouncer refuses {field.upper()} (sent as a startup parameter); set it on the "
+                f"server instead: ALTER ROLE … SET {name}"
             )
         return value
 

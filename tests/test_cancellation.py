@@ -1,0 +1,136 @@
+"""A task cancelled while its statement runs on the server (docs/pooling-failures.md).
+
+asyncio cancels once: the driver cancels the statement on the server and the transaction rolls
+back. anyio's cancel scopes (`move_on_after`, `fail_after`, a task group's cancel) cancel every
+await inside them again, the driver's own clean-up included: the connection is closed without
+the statement being cancelled, and the server runs it on, its row locks held, until it ends.
+`DB_CLIENT_CONNECTION_CHECK_INTERVAL` makes the server notice the closed connection and stop.
+Each driver has its own cancel path, so every test runs under both."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import anyio
+import pytest
+from sqlalchemy import URL, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dblayer.engine import create_engine
+from dblayer.pool import pool_status
+from dblayer.settings import get_settings
+
+pytestmark = pytest.mark.both_drivers  # each driver cancels (or fails to) in its own way
+
+SLOW = text("SELECT pg_sleep(30)")
+STILL_RUNNING = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND state = 'active' AND query = 'SELECT pg_sleep(30)'"
+)
+LOCK_THE_ROW = text("SELECT id FROM held WHERE id = 1 FOR UPDATE")
+
+
+async def _engines(database_url: URL, **settings: object) -> tuple[AsyncEngine, AsyncEngine]:
+    url = database_url.render_as_string(hide_password=False)
+    app = create_engine(get_settings(database_url=url, **settings))
+    other = create_engine(get_settings(database_url=url))
+    async with other.begin() as conn:
+        await conn.execute(text("CREATE TABLE held (id int PRIMARY KEY)"))
+        await conn.execute(text("INSERT INTO held VALUES (1)"))
+    return app, other
+
+
+async def _slow_work_holding_the_row(engine: AsyncEngine, locked: anyio.Event) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(LOCK_THE_ROW)
+        locked.set()
+        await conn.execute(SLOW)
+
+
+async def _cancel_with_anyio(engine: AsyncEngine, how: str) -> None:
+    """A timeout around the work (`move_on_after`), or the cancel a request handler meets when
+    its task group is cancelled."""
+    if how == "move_on_after":
+        with anyio.move_on_after(1):
+            await _slow_work_holding_the_row(engine, anyio.Event())
+        return
+    async with anyio.create_task_group() as group:
+        locked = anyio.Event()
+        group.start_soon(_slow_work_holding_the_row, engine, locked)
+        await locked.wait()
+        await anyio.sleep(0.2)  # into the slow statement
+        group.cancel_scope.cancel()
+
+
+async def _lock_wait(engine: AsyncEngine, seconds: float) -> float:
+    """Seconds until another connection got the row; raises 55P03 after `seconds`."""
+    started = time.monotonic()
+    async with engine.begin() as conn:
+        await conn.execute(text(f"SET LOCAL lock_timeout = '{seconds}s'"))
+        await conn.execute(LOCK_THE_ROW)
+    return time.monotonic() - started
+
+
+HOWS = ["move_on_after", "task_group"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_cancelled_by_anyio_the_statement_runs_on_holding_its_lock(
+    database_url: URL, how: str
+) -> None:
+    app, other = await _engines(database_url)
+    try:
+        await _cancel_with_anyio(app, how)
+        assert pool_status(app).checked_out == 0  # the pool lost nothing: the connection is gone
+        async with other.connect() as conn:
+            assert await conn.scalar(STILL_RUNNING) == 1  # but the server runs the statement on
+        with pytest.raises(DBAPIError) as raised:
+            await _lock_wait(other, 1)
+        assert getattr(raised.value.orig, "sqlstate", None) == "55P03"  # the row is still locked
+    finally:
+        async with other.connect() as conn:  # end the orphan rather than wait 30 s for it
+            await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query = 'SELECT pg_sleep(30)'"
+                )
+            )
+        await app.dispose()
+        await other.dispose()
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_with_the_check_interval_the_server_stops_it_and_frees_the_row(
+    database_url: URL, how: str
+) -> None:
+    app, other = await _engines(database_url, db_client_connection_check_interval=0.25)
+    try:
+        async with app.connect() as conn:
+            assert await conn.scalar(text("SHOW client_connection_check_interval")) == "250ms"
+        await _cancel_with_anyio(app, how)
+        assert await _lock_wait(other, 10) < 5  # within a few checks, not the statement's 30 s
+        async with other.connect() as conn:
+            assert await conn.scalar(STILL_RUNNING) == 0
+    finally:
+        await app.dispose()
+        await other.dispose()
+
+
+async def test_cancelled_by_asyncio_the_driver_cancels_the_statement(database_url: URL) -> None:
+    """The contrast: asyncio's single cancel lets the driver cancel the statement and roll back,
+    without the setting."""
+    app, other = await _engines(database_url)
+    try:
+        locked = anyio.Event()
+        task = asyncio.create_task(_slow_work_holding_the_row(app, locked))
+        await locked.wait()
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert await _lock_wait(other, 5) < 1
+        assert pool_status(app).checked_out == 0
+    finally:
+        await app.dispose()
+        await other.dispose()
