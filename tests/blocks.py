@@ -46,7 +46,7 @@ _SETTING = re.compile(r'([\w-]+)="([^"]*)"')
 _KNOWN = {"test", "drivers", "reason", "title", "needs", "file"}
 _FILE = re.compile(r"(?:[\w.-]+/)*[\w.-]+")  # a relative path: no `..`, no leading `/`
 # What a reader's server may not offer (see the docstring).
-_NEEDS = {"password-auth", "tls", "pgbouncer", "replica", "ipv6-localhost"}
+_NEEDS = {"password-auth", "tls", "pgbouncer", "replica", "ipv6-localhost", "client-check"}
 
 # What legitimately differs between runs, replaced on both sides before comparing.
 _NORMALISE = [
@@ -108,6 +108,10 @@ class FenceSettings:
     `needs="ipv6-localhost"` (no reason needed) runs the block only where `localhost` resolves to
     both `::1` and `127.0.0.1` (`tests/localhost.py`), else skips it with one line
     (REQUIRE_IPV6_LOCALHOST_TEST makes that a failure).
+    `needs="client-check"` (no reason needed) runs the block only on a server whose
+    `client_connection_check_interval` is off by default and may be turned on (PostgreSQL 14+
+    on Linux and other systems that report a closed socket), else skips it with one line
+    (`tests/databases.py`).
     """
 
     drivers: tuple[Driver, ...] = DRIVERS

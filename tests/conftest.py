@@ -21,7 +21,7 @@ from dblayer.session import create_sessionmaker
 from dblayer.settings import DRIVERS, Driver, get_settings
 from tests import drivers
 from tests.blocks import apply_console_updates
-from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.databases import NO_CLIENT_CHECK, NO_PASSWORD_AUTH, Databases, Server
 from tests.pgbouncer import serve_pgbouncer
 from tests.replica import ReplicaDatabases, serve_replica_databases
 from tests.tls import TLSDatabases, serve_tls_databases
@@ -187,6 +187,13 @@ def password_auth(server: Server) -> None:
     """For tests that show a wrong password refused: skipped, in one line, where none is."""
     if not server.enforces_passwords:
         pytest.skip(NO_PASSWORD_AUTH)
+
+
+@pytest.fixture(scope="session")
+def client_check(server: Server) -> None:
+    """For tests that show a client gone mid-statement noticed by the server, or not."""
+    if not server.shows_client_connection_checks:
+        pytest.skip(NO_CLIENT_CHECK)
 
 
 @pytest.fixture(params=DRIVERS)

@@ -31,6 +31,10 @@ PREFIX = "dblayer_test_"
 NO_PASSWORD_AUTH = (
     "the server accepts any password (trust authentication): a wrong one cannot be shown failing"
 )
+NO_CLIENT_CHECK = (
+    "the server refuses client_connection_check_interval (its OS cannot report a closed socket), "
+    "or sets it already: a client gone mid-statement cannot be shown unnoticed, then noticed"
+)
 
 
 @dataclass
@@ -78,6 +82,21 @@ class Server:
             return True
         return False
 
+    @functools.cached_property
+    def shows_client_connection_checks(self) -> bool:
+        """Whether `client_connection_check_interval` is off by default (PostgreSQL's default)
+        and may be turned on: PostgreSQL 14+ on an OS that reports a closed socket (Linux, …);
+        elsewhere the server refuses any value but 0."""
+        with connect(self.admin_url) as conn:
+            row = conn.execute("SELECT current_setting('client_connection_check_interval')")
+            if (found := row.fetchone()) is None or found[0] != "0":
+                return False
+            try:
+                conn.execute("SET client_connection_check_interval = 1000")
+            except psycopg.Error:
+                return False
+        return True
+
     def read_version(self) -> None:
         with connect(self.admin_url) as conn:
             row = conn.execute("SHOW server_version").fetchone()
@@ -86,6 +105,15 @@ class Server:
     def stop(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()
+
+
+def skip_unless_the_server_can(needs: tuple[str, ...], server: Server) -> None:
+    """Skips, in one line, a block that needs what this server cannot show (`needs=` in its
+    fence: see tests/blocks.py)."""
+    if "password-auth" in needs and not server.enforces_passwords:
+        pytest.skip(NO_PASSWORD_AUTH)
+    if "client-check" in needs and not server.shows_client_connection_checks:
+        pytest.skip(NO_CLIENT_CHECK)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pytest_examples import CodeExample
 from dblayer.settings import DRIVERS, Driver
 from tests.blocks import FenceSettings, lay_out_checkout, name, normalise
 from tests.browser import build
-from tests.databases import NO_PASSWORD_AUTH, Server
+from tests.databases import Server, skip_unless_the_server_can
 from tests.localhost import require_ipv6_localhost
 from tests.paths import DOCS, ROOT
 from tests.test_docs import PYTHON_BLOCKS, _database
@@ -185,8 +185,7 @@ def test_block_as_a_script(
     if settings.skip or driver not in settings.drivers:
         pytest.skip(f"exempt: {settings.reason}")
     server: Server = request.getfixturevalue("server")
-    if "password-auth" in settings.needs and not server.enforces_passwords:
-        pytest.skip(NO_PASSWORD_AUTH)
+    skip_unless_the_server_can(settings.needs, server)
     if "ipv6-localhost" in settings.needs:
         require_ipv6_localhost()
     text = shown(site, block)

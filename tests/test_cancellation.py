@@ -22,7 +22,10 @@ from dblayer.engine import create_engine
 from dblayer.pool import pool_status
 from dblayer.settings import get_settings
 
-pytestmark = pytest.mark.both_drivers  # each driver cancels (or fails to) in its own way
+pytestmark = [
+    pytest.mark.both_drivers,  # each driver cancels (or fails to) in its own way
+    pytest.mark.usefixtures("client_check"),  # off by default, and may be turned on
+]
 
 SLOW = text("SELECT pg_sleep(30)")
 STILL_RUNNING = text(

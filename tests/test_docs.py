@@ -36,7 +36,7 @@ from tests.blocks import (
     ruff_format,
     run_block,
 )
-from tests.databases import NO_PASSWORD_AUTH, Databases, Server
+from tests.databases import Databases, Server, skip_unless_the_server_can
 from tests.localhost import require_ipv6_localhost
 from tests.paths import DOCS, ROOT
 from tests.replica import ReplicaDatabases
@@ -81,8 +81,7 @@ def _settings(
     if settings.skip or driver not in settings.drivers:
         pytest.skip(f"exempt: {settings.reason}")
     server: Server = request.getfixturevalue("server")
-    if "password-auth" in settings.needs and not server.enforces_passwords:
-        pytest.skip(NO_PASSWORD_AUTH)
+    skip_unless_the_server_can(settings.needs, server)
     if "ipv6-localhost" in settings.needs:
         require_ipv6_localhost()
     return settings
