@@ -52,7 +52,16 @@ async def _slow_work_holding_the_row(engine: AsyncEngine, locked: anyio.Event) -
         await conn.execute(SLOW)
 
 
-async def _cancel_with_anyio(engine: AsyncEngine, how: str) -> None:
+async def _until_the_slow_statement_runs(observer: AsyncEngine) -> None:
+    with anyio.fail_after(10):
+        while True:
+            async with observer.connect() as conn:  # a new transaction: a new snapshot
+                if await conn.scalar(STILL_RUNNING):
+                    return
+            await anyio.sleep(0.02)
+
+
+async def _cancel_with_anyio(engine: AsyncEngine, observer: AsyncEngine, how: str) -> None:
     """A timeout around the work (`move_on_after`), or the cancel a request handler meets when
     its task group is cancelled."""
     if how == "move_on_after":
@@ -63,7 +72,7 @@ async def _cancel_with_anyio(engine: AsyncEngine, how: str) -> None:
         locked = anyio.Event()
         group.start_soon(_slow_work_holding_the_row, engine, locked)
         await locked.wait()
-        await anyio.sleep(0.2)  # into the slow statement
+        await _until_the_slow_statement_runs(observer)
         group.cancel_scope.cancel()
 
 
@@ -85,7 +94,7 @@ async def test_cancelled_by_anyio_the_statement_runs_on_holding_its_lock(
 ) -> None:
     app, other = await _engines(database_url)
     try:
-        await _cancel_with_anyio(app, how)
+        await _cancel_with_anyio(app, other, how)
         assert pool_status(app).checked_out == 0  # the pool lost nothing: the connection is gone
         async with other.connect() as conn:
             assert await conn.scalar(STILL_RUNNING) == 1  # but the server runs the statement on
@@ -112,7 +121,7 @@ async def test_with_the_check_interval_the_server_stops_it_and_frees_the_row(
     try:
         async with app.connect() as conn:
             assert await conn.scalar(text("SHOW client_connection_check_interval")) == "250ms"
-        await _cancel_with_anyio(app, how)
+        await _cancel_with_anyio(app, other, how)
         assert await _lock_wait(other, 10) < 5  # within a few checks, not the statement's 30 s
         async with other.connect() as conn:
             assert await conn.scalar(STILL_RUNNING) == 0
@@ -129,7 +138,7 @@ async def test_cancelled_by_asyncio_the_driver_cancels_the_statement(database_ur
         locked = anyio.Event()
         task = asyncio.create_task(_slow_work_holding_the_row(app, locked))
         await locked.wait()
-        await asyncio.sleep(0.2)
+        await _until_the_slow_statement_runs(other)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert await _lock_wait(other, 5) < 1
