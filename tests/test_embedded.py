@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -583,3 +584,41 @@ def test_make_passes_pg_on_and_refuses_an_unknown_major_in_one_line() -> None:
             check=True,
         )
         assert exported.stdout == f"DBLAYER_PG={value}\n"
+
+
+OWNER = """
+import sys, time
+from pathlib import Path
+from dblayer.embedded import EmbeddedPostgres
+server = EmbeddedPostgres(base_dir=Path(sys.argv[1])).start()
+print(server.port, flush=True)
+time.sleep(120)
+"""
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_server_whose_owner_is_killed_stops_by_itself(open_dir: Path, how: int) -> None:
+    """No atexit runs after SIGKILL (nor after a SIGTERM nobody handles): a watchdog that waits
+    on a pipe from the owner stops the server and removes its files once the owner is gone."""
+    with subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(open_dir)], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        try:
+            assert owner.stdout is not None
+            port = int(owner.stdout.readline())
+            assert _accepts(port)
+            owner.send_signal(how)
+            owner.wait(timeout=10)
+        finally:
+            owner.kill()
+    deadline = time.monotonic() + 30
+    while (_accepts(port) or list(open_dir.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _accepts(port)
+    assert list(open_dir.iterdir()) == []

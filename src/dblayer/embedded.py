@@ -7,13 +7,15 @@ starts one and prints its `DATABASE_URL`. Which binaries it runs is `dblayer.bin
 The server listens on 127.0.0.1 only, with password (SCRAM) authentication like a real one, and a
 random password that contains `@:/%#?` so every URL built from it proves its escaping (or, with
 `--auth trust`, none: any password is accepted, as on servers set up that way). PostgreSQL
-refuses to run as root, so under root it runs as an unprivileged system user.
+refuses to run as root, so under root it runs as an unprivileged system user. It stops with the
+process that started it, even one killed outright: a watchdog process stops it then.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import pwd
 import secrets
@@ -51,6 +53,23 @@ Auth = Literal["scram-sha-256", "trust"]
 AUTH_METHODS: tuple[Auth, ...] = ("scram-sha-256", "trust")
 # Fsync and WAL safety are pointless for a server that is deleted when it stops.
 _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+
+
+# Run by `EmbeddedPostgres._start_watchdog` as `python -c`: DIRECTORY PG_CTL UID GID. Its stdin
+# reaches end of file when the owner closes it (`stop()`) or dies: then, if the server still runs
+# (the owner died), it is stopped as its user, and its directory is removed.
+_WATCHDOG = """
+import os, shutil, subprocess, sys
+sys.stdin.buffer.read()
+directory, pg_ctl, uid, gid = sys.argv[1:]
+data = os.path.join(directory, "data")
+if os.path.exists(os.path.join(data, "postmaster.pid")):
+    subprocess.run(
+        [pg_ctl, "-D", data, "stop", "-m", "immediate"], user=int(uid), group=int(gid),
+        extra_groups=[] if os.geteuid() == 0 else None, capture_output=True, check=False,
+    )
+shutil.rmtree(directory, ignore_errors=True)
+"""
 
 
 def default_base_dir() -> Path | None:
@@ -139,6 +158,7 @@ class EmbeddedPostgres:
         self.run_as = pwd.getpwnam(run_as or default_server_user())
         self._bindir = self.binaries.bindir  # where the owner can run them (a copy): by _initdb
         self._lock = threading.Lock()
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         state = f"port={self.port}" if self.running else "stopped"
@@ -181,10 +201,32 @@ class EmbeddedPostgres:
             try:
                 self._initdb()
                 self._pg_ctl("start", "-w", "-t", "60", "-l", str(self._dir / "server.log"))
+                self._watchdog = self._start_watchdog()
             except BaseException:
+                with contextlib.suppress(EmbeddedPostgresError):  # the first error is the one
+                    self._stop_server()  # started, but no watchdog: not left running unowned
                 self._remove()
                 raise
             return self
+
+    def _start_watchdog(self) -> subprocess.Popen[bytes]:
+        """A process that stops the server and removes its files once we are gone, however we
+        went: after SIGKILL no `atexit` runs. It waits for the end of a pipe only we hold."""
+        return subprocess.Popen(  # noqa: S603 - this interpreter, the watchdog below
+            [
+                sys.executable,
+                "-c",
+                _WATCHDOG,
+                str(self.directory),
+                str(self._bindir / "pg_ctl"),
+                str(self.run_as.pw_uid),
+                str(self.run_as.pw_gid),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us, who stop the server; not it
+        )
 
     def restart(self) -> None:
         """Restart the server in place (fast shutdown): every open connection is cut, as in a
@@ -198,15 +240,21 @@ class EmbeddedPostgres:
             if self._dir is None:
                 return
             try:
-                if (self._dir / "data" / "postmaster.pid").exists():
-                    self._pg_ctl("stop", "-w", "-m", "fast")
+                self._stop_server()
             finally:
                 self._remove()
+
+    def _stop_server(self) -> None:
+        if (self.directory / "data" / "postmaster.pid").exists():
+            self._pg_ctl("stop", "-w", "-m", "fast")
 
     def _remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         self._dir = None
         atexit.unregister(self.stop)
+        if self._watchdog is not None:  # nothing left for it to do: it ends when told
+            self._watchdog.communicate(timeout=10)
+            self._watchdog = None
 
     def __enter__(self) -> Self:
         return self.start()
