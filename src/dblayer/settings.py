@@ -100,8 +100,9 @@ class Settings(BaseSettings):
     # cancels it (SQLSTATE 55P03; the API answers 503). Unset: the server's own lock_timeout.
     db_lock_timeout: Timeout | None = None
     # Seconds between the server's checks, while a statement runs, that the client is still
-    # connected (PostgreSQL 14+, Linux servers). A client gone mid-statement (a task cancelled by
-    # anyio, a killed process) otherwise leaves the statement running, locks held, to its end.
+    # connected (PostgreSQL 14+ on a system that reports a closed socket, as Linux does). A client
+    # gone mid-statement (a task cancelled by anyio, a killed process) otherwise leaves the
+    # statement running, locks held, to its end.
     db_client_connection_check_interval: Timeout | None = None
     # TLS in libpq's words; DATABASE_URL's own ?sslmode=... wins, as over PGSSLMODE in libpq.
     db_sslmode: SSLMode | None = None  # unset: the drivers' default, prefer
