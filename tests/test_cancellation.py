@@ -6,7 +6,8 @@ every await inside them again, the driver's own clean-up included: asyncpg's can
 task of its own) is dropped, psycopg's try is cancelled too over TCP with libpq 17+ (over a Unix
 socket it gets out first). The connection is closed, and the server runs the statement on, its
 row locks held, until it ends. `DB_CLIENT_CONNECTION_CHECK_INTERVAL` makes the server notice the
-closed connection and stop. Each driver has its own cancel path, so every test runs under both."""
+closed connection and stop. Each driver has its own cancel path: a complete run runs every test
+under both."""
 
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from dblayer.engine import create_engine
 from dblayer.pool import pool_status
 from dblayer.settings import Driver, get_settings
 
-pytestmark = [
-    pytest.mark.both_drivers,  # each driver cancels (or fails to) in its own way
-    pytest.mark.usefixtures("client_check"),  # off by default, and may be turned on
-]
+# Each driver cancels (or fails to) in its own way: `make test FULL=1` runs each test under both;
+# the quick loop runs each under one, which covers both across the tests.
+pytestmark = pytest.mark.usefixtures("client_check")  # off by default, and may be turned on
 
 SLOW = text("SELECT pg_sleep(30)")
 STILL_RUNNING = text(

@@ -602,7 +602,9 @@ def _accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "how", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
 def test_a_server_whose_owner_is_killed_stops_by_itself(open_dir: Path, how: int) -> None:
     """No atexit runs after SIGKILL (nor after a SIGTERM nobody handles): a watchdog that waits
     on a pipe from the owner stops the server and removes its files once the owner is gone."""
