@@ -151,7 +151,8 @@ def test_every_app_connection_terminated_under_load(
         with connect(admin.set(database="postgres")) as conn:
             rows = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                "WHERE datname = %s AND backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid()",
                 (database_url.database,),
             ).fetchall()
         return len(rows)

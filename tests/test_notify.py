@@ -38,15 +38,18 @@ EACH = 5
 
 OTHERS = text(
     "SELECT count(*) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " WHERE datname = current_database() AND backend_type = 'client backend'"
+    " AND pid <> pg_backend_pid()"
 )
 KILL_LISTENER = text(  # all but the sender's
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid NOT IN (pg_backend_pid(), :sender)"
+    " WHERE datname = current_database() AND backend_type = 'client backend'"
+    " AND pid NOT IN (pg_backend_pid(), :sender)"
 )
 KILL_OTHERS = text(
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " WHERE datname = current_database() AND backend_type = 'client backend'"
+    " AND pid <> pg_backend_pid()"
 )
 
 
