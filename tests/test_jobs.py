@@ -154,7 +154,8 @@ async def test_a_worker_whose_connection_is_killed_gives_its_job_back(
         dying = asyncio.create_task(run_one(first, "q", stepwise))
         pid = await started.get()
         async with engine.connect() as conn:
-            assert await conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            # true once its process, and so its row lock, is gone (waits up to 5 s)
+            assert await conn.scalar(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
         with pytest.raises(DBAPIError) as lost:
             await dying
         assert lost.value.connection_invalidated
