@@ -4,10 +4,10 @@ asyncio cancels once: the driver cancels the statement on the server, and SQLAlc
 connection. anyio's cancel scopes (`move_on_after`, `fail_after`, a task group's cancel) cancel
 every await inside them again, the driver's own clean-up included: asyncpg's cancel request (a
 task of its own) is dropped, psycopg's try is cancelled too over TCP with libpq 17+ (over a Unix
-socket it gets out first). The connection is closed, and the server runs the statement on, its
-row locks held, until it ends. `DB_CLIENT_CONNECTION_CHECK_INTERVAL` makes the server notice the
-closed connection and stop. Each driver has its own cancel path: a complete run runs every test
-under both."""
+socket it races anyio's second cancel). The connection is closed, and the server runs the
+statement on, its row locks held, until it ends. `DB_CLIENT_CONNECTION_CHECK_INTERVAL` makes
+the server notice the closed connection and stop. Each driver has its own cancel path: a complete
+run runs every test under both."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ async def test_cancelled_by_anyio_the_statement_runs_on_holding_its_lock(
     database_url: URL, driver: Driver, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     if driver == "psycopg" and _over_a_unix_socket(database_url):
-        pytest.skip("psycopg's cancel gets out over a Unix socket: its orphan is shown over TCP")
+        pytest.skip("psycopg's cancel over a Unix socket may get out: its orphan is shown over TCP")
     if driver == "psycopg" and psycopg.pq.version() < 170000:
         pytest.skip("libpq < 17: psycopg cancels from a thread, which anyio does not cancel")
     app, other = await _engines(database_url)
@@ -164,13 +164,14 @@ async def test_cancelled_by_asyncio_the_driver_cancels_the_statement(database_ur
         await other.dispose()
 
 
-async def test_over_a_unix_socket_psycopg_gets_its_cancel_out_and_asyncpg_does_not(
+async def test_over_a_unix_socket_asyncpg_leaves_the_statement_running_too(
     database_url: URL, driver: Driver
 ) -> None:
-    """The page's exemption, shown: psycopg opens its cancel connection before it first awaits,
-    and over a Unix socket that is done at once, so the cancel reaches the server before anyio
-    cancels again; asyncpg's cancel task is dropped whatever the connection. Needs the server's
-    socket on this machine (the embedded server's)."""
+    """asyncpg's cancel task is dropped whatever the connection. (psycopg's cancel over a Unix
+    socket races anyio's second cancel: seen to get out, and seen not to; nothing to assert.)
+    Needs the server's socket on this machine (the embedded server's)."""
+    if driver == "psycopg":
+        pytest.skip("psycopg's cancel over a Unix socket races anyio's: it gets out, or not")
     engine = create_engine(get_settings(database_url=_as_given(database_url)))
     async with engine.connect() as conn:
         directory = str(await conn.scalar(text("SHOW unix_socket_directories"))).split(",")[0]
@@ -181,8 +182,7 @@ async def test_over_a_unix_socket_psycopg_gets_its_cancel_out_and_asyncpg_does_n
     try:
         await _cancel_with_anyio(app, other, "move_on_after")
         async with other.connect() as conn:
-            running = await conn.scalar(STILL_RUNNING)
-        assert running == (1 if driver == "asyncpg" else 0)
+            assert await conn.scalar(STILL_RUNNING) == 1
     finally:
         async with other.connect() as conn:
             await conn.execute(ORPHANS_ENDED)
