@@ -43,7 +43,7 @@ LOCK_THE_ROW = text("SELECT id FROM held WHERE id = 1 FOR UPDATE")
 
 
 async def _engines(database_url: URL, **settings: object) -> tuple[AsyncEngine, AsyncEngine]:
-    url = database_url.render_as_string(hide_password=False)
+    url = _as_given(database_url)
     app = create_engine(get_settings(database_url=url, **settings))
     other = create_engine(get_settings(database_url=url))
     async with other.begin() as conn:
