@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -145,7 +146,10 @@ async def test_checkout_watch_reports_long_checkouts(
         await engine.dispose()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert warnings[0].startswith("connection held for 0.2 s (threshold 0.1 s), checked out at ")
+    # 0.2 s and the rollback on return: more than 0.2 s, by how much depends on the machine
+    assert re.match(
+        r"connection held for 0\.[2-9] s \(threshold 0\.1 s\), checked out at ", warnings[0]
+    )
 
 
 def test_caller_outside_a_task() -> None:

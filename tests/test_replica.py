@@ -31,6 +31,17 @@ def connect(server: EmbeddedPostgres) -> psycopg.Connection[tuple[object, ...]]:
     )
 
 
+def until_the_primary_shows(primary: EmbeddedPostgres, query: str, row: tuple[object, ...]) -> None:
+    """`pg_stat_replication` lags the standby's life: its WAL receiver connects a moment after
+    the standby accepts connections, and a WAL sender (a standby's, or pg_basebackup's) exits a
+    moment after its client hung up. (Each look a new transaction: autocommit.)"""
+    deadline = time.monotonic() + 30
+    with connect(primary) as conn:
+        while (seen := conn.execute(query).fetchone()) != row:
+            assert time.monotonic() < deadline, f"{query}: {seen}, not {row}"
+            time.sleep(0.02)
+
+
 def wait_until_replayed(primary: EmbeddedPostgres, replica: EmbeddedPostgres) -> None:
     """The insert position, not `pg_current_wal_lsn()` (the write position): with
     synchronous_commit off, a commit may still be in the WAL buffers, behind the latter."""
@@ -85,10 +96,11 @@ def test_the_replica_streams_what_the_primary_commits(
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
             conn.execute("CREATE TABLE t (n int)")
             conn.execute("INSERT INTO t VALUES (42)")
-            streaming = conn.execute(
-                "SELECT state FROM pg_stat_replication WHERE application_name = 'dblayer_replica'"
-            ).fetchone()
-            assert streaming == ("streaming",)
+        until_the_primary_shows(
+            primary,
+            "SELECT state FROM pg_stat_replication WHERE application_name = 'dblayer_replica'",
+            ("streaming",),
+        )
         wait_until_replayed(primary, replica)
         with connect(replica) as conn:
             assert conn.execute("SELECT n FROM t").fetchone() == (42,)
@@ -99,8 +111,8 @@ def test_the_replica_streams_what_the_primary_commits(
     assert not directory.exists()
     assert not replica.running
     assert primary.running  # stopping the replica leaves its primary alone
-    with connect(primary) as conn:  # ... and it no longer streams to anyone
-        assert conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone() == (0,)
+    # ... and it no longer streams to anyone
+    until_the_primary_shows(primary, "SELECT count(*) FROM pg_stat_replication", (0,))
 
 
 def test_a_replica_needs_its_primary_running(open_dir: Path) -> None:
@@ -134,8 +146,8 @@ def test_a_failed_start_says_why_and_leaves_nothing(
             replica.start()
     assert not replica.running
     assert [path.name for path in open_dir.iterdir()] == [primary.directory.name]
-    with connect(primary) as conn:  # no standby left streaming
-        assert conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone() == (0,)
+    # no standby left streaming
+    until_the_primary_shows(primary, "SELECT count(*) FROM pg_stat_replication", (0,))
 
 
 def test_a_failed_base_backup_says_why_and_leaves_nothing(

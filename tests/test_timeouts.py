@@ -122,7 +122,7 @@ async def test_a_forgotten_transaction_is_ended_and_the_next_unit_of_work_succee
         with pytest.raises(DBAPIError) as raised:
             async with session_scope(sessionmaker) as session:
                 pid = await session.scalar(text("SELECT pg_backend_pid()"))
-                await asyncio.sleep(0.6)  # e.g. an HTTP call made inside the transaction
+                await asyncio.sleep(1)  # e.g. an HTTP call made inside the transaction
         assert raised.value.connection_invalidated
         if driver == "psycopg":
             assert getattr(raised.value.orig, "sqlstate", None) == "25P03"
