@@ -488,6 +488,22 @@ def test_the_command_line_serves_until_sigterm(
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
 
 
+@pytest.mark.usefixtures("no_major")
+def test_a_signal_taken_by_another_thread_stops_it_too(tmp_path: Path) -> None:
+    """The kernel gives a process's signal to any of its threads that does not block it, and
+    Python runs the handler in the main thread at its next bytecode: a main thread blocked in a
+    wait with no timeout never got there (CI hung so once). Here the main thread blocks SIGTERM,
+    so the signal lands on the thread that sends it, every time."""
+    url_file = tmp_path / "url"
+    stopper = stop_when(url_file.exists)  # started before the mask below: SIGTERM reaches it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        assert embedded.main(["--url-file", str(url_file)]) == 0
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    stopper.join()
+
+
 def test_a_signal_during_start_up_stops_it_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     before = signal.getsignal(signal.SIGTERM)
     stopper = stop_when(lambda: signal.getsignal(signal.SIGTERM) is not before)

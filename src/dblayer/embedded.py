@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
@@ -377,6 +379,31 @@ class EmbeddedPostgres:
         )
 
 
+@contextlib.contextmanager
+def until_stopped() -> Iterator[Callable[[], None]]:
+    """For a command that serves until Ctrl-C or `kill`: SIGINT and SIGTERM are noted from now
+    on (a signal during start-up too), and the function it gives returns once one came. The
+    handlers before are restored on exit.
+
+    The handler only notes the signal: Python runs it in the main thread between two bytecodes,
+    so it must not take a lock (an Event's) the main thread may hold. And the main thread wakes
+    up to look: a signal the kernel gave another thread does not interrupt its sleep."""
+    stopped: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda sig, _: stopped.append(sig)) for sig in _STOP_SIGNALS
+    }
+
+    def wait() -> None:
+        while not stopped:
+            time.sleep(0.1)
+
+    try:
+        yield wait
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dblayer.embedded`: run a server until Ctrl-C, printing its DATABASE_URL."""
     parser = argparse.ArgumentParser(
@@ -404,19 +431,13 @@ def main(argv: list[str] | None = None) -> int:
 
     binaries = find_binaries(args.bindir, major=args.pg)
     server = EmbeddedPostgres(binaries, port=args.port, auth=args.auth)
-    stopped = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in _STOP_SIGNALS}
-    try:
-        with server:
-            url = server.url("postgres", args.driver).render_as_string(hide_password=False)
-            if args.url_file:
-                args.url_file.write_text(url + "\n")
-            print(f"PostgreSQL {server.binaries.version} ({server.binaries.source})", flush=True)
-            print(f"DATABASE_URL={url}", flush=True)
-            stopped.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with until_stopped() as wait, server:
+        url = server.url("postgres", args.driver).render_as_string(hide_password=False)
+        if args.url_file:
+            args.url_file.write_text(url + "\n")
+        print(f"PostgreSQL {server.binaries.version} ({server.binaries.source})", flush=True)
+        print(f"DATABASE_URL={url}", flush=True)
+        wait()
     return 0
 
 

@@ -38,7 +38,7 @@ from types import TracebackType
 import psycopg
 from sqlalchemy import URL, make_url
 
-from dblayer.embedded import default_server_user, free_port
+from dblayer.embedded import default_server_user, free_port, until_stopped
 
 __all__ = ["PgBouncer", "PgBouncerError", "find_pgbouncer", "scram_secrets"]
 
@@ -326,18 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PgBouncerError, psycopg.Error) as exc:
         print(str(exc).strip().splitlines()[0], file=sys.stderr)
         return 1
-    stopped = threading.Event()
-    previous = {
-        s: signal.signal(s, lambda *_: stopped.set()) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        with bouncer:
-            shown = bouncer.url(url).render_as_string(hide_password=True)  # the same password
-            print(f"DATABASE_URL={shown}", flush=True)
-            stopped.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with until_stopped() as wait, bouncer:
+        shown = bouncer.url(url).render_as_string(hide_password=True)  # the same password
+        print(f"DATABASE_URL={shown}", flush=True)
+        wait()
     return 0
 
 
