@@ -223,19 +223,28 @@ def _record(root: Path, version: str, content: str) -> None:
     ).write(root)
 
 
-def test_the_site_shows_the_records_of_the_content_it_builds(tmp_path: Path) -> None:
+def test_a_site_without_records_says_it_is_not_verified(tmp_path: Path) -> None:
     checkout = copy_for_build(tmp_path / "checkout")
     assert not (checkout / verified.RECORDS).exists()
     page, badge = build(checkout)
     assert "Not verified in this build" in page
     assert "not verified in this build" in badge
 
+
+def _recorded_checkout(destination: Path) -> Path:
+    """A copy with records of this content on 14.23 and 16.14, and one of other content."""
+    checkout = copy_for_build(destination)
     content = verified.fingerprint(checkout)
     assert content == verified.fingerprint()  # the copy is this content
     _record(checkout, "14.23", content)
     _record(checkout, "16.14", content)
     _record(checkout, "15.18", "0123456789abcdef")  # a run of other content: not shown
-    page, badge = build(checkout)
+    return checkout
+
+
+# The three builds are three tests: xdist runs them side by side.
+def test_the_site_shows_the_records_of_the_content_it_builds(tmp_path: Path) -> None:
+    page, badge = build(_recorded_checkout(tmp_path / "checkout"))
     assert "Not verified" not in page
     assert "ran, unchanged, on PostgreSQL 14.23 and 16.14 , under asyncpg and psycopg" in page
     assert "in complete, green test runs, one per server, of exactly these pages" in page
@@ -244,7 +253,10 @@ def test_the_site_shows_the_records_of_the_content_it_builds(tmp_path: Path) -> 
     assert "verified: PostgreSQL 14.23, 16.14 · asyncpg 0.32.0 · psycopg 3.3.9" in badge
     assert "15.18" not in badge
 
-    # An edit to a page (or to the package) is content no run verified.
+
+def test_an_edited_page_is_content_no_run_verified(tmp_path: Path) -> None:
+    """An edit to a page (or to the package) is content no run verified."""
+    checkout = _recorded_checkout(tmp_path / "checkout")
     guide = checkout / "docs" / "sessions.md"
     guide.write_text(guide.read_text("utf-8") + "\nOne more sentence.\n", "utf-8")
     page, badge = build(checkout)
