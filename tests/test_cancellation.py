@@ -59,23 +59,15 @@ async def _slow_work_holding_the_row(engine: AsyncEngine, locked: anyio.Event) -
         await conn.execute(SLOW)
 
 
-async def _until_the_slow_statement_runs(observer: AsyncEngine) -> None:
-    with anyio.fail_after(10):
-        while True:
-            async with observer.connect() as conn:  # a new transaction: a new snapshot
-                if await conn.scalar(STILL_RUNNING):
-                    return
-            await anyio.sleep(0.02)
-
-
-async def _until_the_slow_statement_ended(observer: AsyncEngine) -> None:
-    """The server's process rolls back (the row is free), then exits, and only then leaves
+async def _until_the_slow_statement(observer: AsyncEngine, *, runs: bool, seconds: float) -> None:
+    """Until the server shows the slow statement running (or no longer). Once stopped, the
+    server's process rolls back (the row is free), then exits, and only then leaves
     pg_stat_activity: a look taken just after the row came free may still see it (CI's PG14 stage
     did)."""
-    with anyio.fail_after(5):
+    with anyio.fail_after(seconds):
         while True:
-            async with observer.connect() as conn:
-                if not await conn.scalar(STILL_RUNNING):
+            async with observer.connect() as conn:  # a new transaction: a new snapshot
+                if bool(await conn.scalar(STILL_RUNNING)) is runs:
                     return
             await anyio.sleep(0.02)
 
@@ -91,7 +83,7 @@ async def _cancel_with_anyio(engine: AsyncEngine, observer: AsyncEngine, how: st
         locked = anyio.Event()
         group.start_soon(_slow_work_holding_the_row, engine, locked)
         await locked.wait()
-        await _until_the_slow_statement_runs(observer)
+        await _until_the_slow_statement(observer, runs=True, seconds=10)
         group.cancel_scope.cancel()
 
 
@@ -151,7 +143,7 @@ async def test_with_the_check_interval_the_server_stops_it_and_frees_the_row(
             assert await conn.scalar(text("SHOW client_connection_check_interval")) == "250ms"
         await _cancel_with_anyio(app, other, how)
         assert await _lock_wait(other, 10) < 5  # within a few checks, not the statement's 30 s
-        await _until_the_slow_statement_ended(other)
+        await _until_the_slow_statement(other, runs=False, seconds=5)
     finally:
         await app.dispose()
         await other.dispose()
@@ -165,7 +157,7 @@ async def test_cancelled_by_asyncio_the_driver_cancels_the_statement(database_ur
         locked = anyio.Event()
         task = asyncio.create_task(_slow_work_holding_the_row(app, locked))
         await locked.wait()
-        await _until_the_slow_statement_runs(other)
+        await _until_the_slow_statement(other, runs=True, seconds=10)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert await _lock_wait(other, 5) < 3  # at once: a cancel request, not the 30 s
